@@ -1,0 +1,22 @@
+"""The `sot` command line: a click group whose commands are thin views of the engine's event stream."""
+
+from __future__ import annotations
+
+import click
+
+from sot import __version__
+from sot.cli.ask import ask
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sot")
+def cli() -> None:
+    """Skeleton-of-Thought: answer faster by writing a skeleton, then expanding its points in parallel."""
+
+
+cli.add_command(ask)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli()

@@ -1,0 +1,161 @@
+"""Parse a model's skeleton (a numbered list of short points) into clean point texts.
+
+Robust where the reference implementation is not: accepts `1.` / `1)` / `-` / `*` / `•` markers, points
+that wrap onto the next line, duplicate and out-of-order numbers, a preamble line, decimals such as
+`3.5 million` (never a point), and indented sub-points (folded into their parent rather than dropped).
+It stops at a runaway skeleton (a new "Question:", a list that restarts at 1, prose after a blank line)
+and caps the number of points and each point's length. It does not judge whether points are good.
+
+>>> parse_skeleton("Here is a plan:\\n1. Sleep well\\n2) Eat *greens*\\n   - kale\\n3. Move").points
+('Sleep well', 'Eat greens (kale)', 'Move')
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+DEFAULT_MAX_POINTS = 10
+DEFAULT_MAX_POINT_CHARS = 120
+
+# A list item: optional indent, then a number with `.` or `)` followed by space (so "3.5 million" is not
+# one), or a bullet. Letters ("a)") and dotted numbers ("1.2") only ever mark sub-points.
+_ITEM = re.compile(
+    r"^(?P<indent>[ \t]*)(?:(?P<num>\d{1,3})[.)](?=\s|$)|(?P<sub>\d{1,3}\.\d{1,3}\.?|[a-zA-Z][.)])(?=\s)"
+    r"|(?P<bullet>[-*•+]))[ \t]*(?P<text>.*)$"
+)
+# Lines that mean the model has left the skeleton and started a new exchange.
+_RUNAWAY = re.compile(
+    r"^\s*(?:#+\s*)?(?:question|skeleton|q|a|user|assistant|answer|human|now,? please)\s*[:：]"
+    r"|<\|im_(?:start|end)\|>|^\s*\[ROLESWITCHING",
+    re.IGNORECASE,
+)
+_MARKUP = re.compile(r"\*\*|__|`|(?<!\w)\*(?!\s)|(?<=\S)\*(?!\w)")
+
+
+@dataclass(frozen=True, slots=True)
+class SkeletonParse:
+    """The outcome of parsing: the points, and whether the text showed the skeleton is over.
+
+    `ended` lets a streaming caller stop generation early: it is true once a line was seen that cannot
+    belong to the skeleton (a runaway question, a restarted list, prose after the list, the point cap).
+    """
+
+    points: tuple[str, ...]
+    ended: bool
+
+
+@dataclass(slots=True)
+class _Item:
+    text: str
+    indent: int
+    subs: list[str]
+
+
+def _clean(text: str) -> str:
+    text = _MARKUP.sub("", text).strip()
+    return text.rstrip(" .;,").strip()
+
+
+def _cap(text: str, max_chars: int) -> str:
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars].rsplit(" ", 1)[0]
+    return (cut or text[:max_chars]).rstrip(" ,;:")
+
+
+def _indent_width(indent: str) -> int:
+    return len(indent.expandtabs(4))
+
+
+def parse_skeleton(
+    text: str,
+    *,
+    max_points: int = DEFAULT_MAX_POINTS,
+    max_point_chars: int = DEFAULT_MAX_POINT_CHARS,
+    final: bool = True,
+) -> SkeletonParse:
+    """Extract the skeleton's points from `text` (which should include any prefilled "1.").
+
+    With `final=False` the last line is treated as still being written: it is not parsed, so a
+    streaming caller can call this after every chunk.
+    """
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if not final:
+        lines = lines[:-1]
+    items: list[_Item] = []
+    top_kind: str | None = None  # "num" or "bullet": the marker style of the first point
+    last_num = 0
+    seen: set[str] = set()
+    blank_before = False
+    ended = False
+    for raw in lines:
+        if not raw.strip():
+            blank_before = True
+            continue
+        if _RUNAWAY.search(raw):
+            if items:
+                ended = True
+                break
+            continue  # a "Skeleton:" header before the list is harmless
+        match = _ITEM.match(raw)
+        if match is None:
+            if items and not blank_before:
+                # A wrapped line: it continues the latest point (or its latest sub-point).
+                target = items[-1]
+                extra = _clean(raw)
+                if extra:
+                    if target.subs:
+                        target.subs[-1] = f"{target.subs[-1]} {extra}"
+                    else:
+                        target.text = f"{target.text} {extra}".strip()
+                continue
+            if items:
+                ended = True  # prose after the list: the skeleton is over
+                break
+            blank_before = False
+            continue  # preamble before the first point
+        indent = _indent_width(match["indent"])
+        kind = "num" if match["num"] else "bullet" if match["bullet"] else "sub"
+        body = _clean(match["text"])
+        is_sub = bool(items) and (kind == "sub" or kind != top_kind or indent > items[0].indent)
+        if kind == "sub" and not items:
+            continue
+        if is_sub:
+            if body:
+                items[-1].subs.append(body)
+            blank_before = False
+            continue
+        if top_kind is None:
+            top_kind = kind
+        if kind == "num":
+            number = int(match["num"])
+            if number == 1 and last_num >= 2 and (blank_before or len(items) >= 2):
+                ended = True  # the list restarted: the model began a new answer
+                break
+            last_num = number
+        blank_before = False
+        key = body.casefold()
+        if not body:
+            # An empty marker line; a following wrapped line may still fill it.
+            items.append(_Item(text="", indent=indent, subs=[]))
+            continue
+        if key in seen:
+            continue
+        seen.add(key)
+        if sum(1 for item in items if item.text) >= max_points:
+            ended = True
+            break
+        items.append(_Item(text=body, indent=indent, subs=[]))
+
+    points: list[str] = []
+    for item in items:
+        text_ = item.text
+        if item.subs:
+            subs = "; ".join(item.subs)
+            text_ = f"{text_} ({subs})" if text_ else subs
+        text_ = _clean(text_)
+        if not text_ or text_.casefold() in {p.casefold() for p in points}:
+            continue
+        points.append(_cap(text_, max_point_chars))
+    return SkeletonParse(points=tuple(points[:max_points]), ended=ended)
