@@ -27,9 +27,10 @@ _ITEM = re.compile(
 # Lines that mean the model has left the skeleton and started a new exchange.
 _RUNAWAY = re.compile(
     r"^\s*(?:#+\s*)?(?:question|skeleton|q|a|user|assistant|answer|human|now,? please)\s*[:：]"
-    r"|<\|im_(?:start|end)\|>|^\s*\[ROLESWITCHING",
+    r"|^\s*\[ROLESWITCHING",
     re.IGNORECASE,
 )
+_TEMPLATE_TOKEN = re.compile(r"<\|(?:im_end|im_start|endoftext|eot_id)\|>|</s>")
 _MARKUP = re.compile(r"\*\*|__|`|(?<!\w)\*(?!\s)|(?<=\S)\*(?!\w)")
 
 
@@ -80,6 +81,10 @@ def parse_skeleton(
     With `final=False` the last line is treated as still being written: it is not parsed, so a
     streaming caller can call this after every chunk.
     """
+    ended_by_token = False
+    cut = _TEMPLATE_TOKEN.search(text)
+    if cut:
+        text, final, ended_by_token = text[: cut.start()], True, True  # the reply is over
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
     if not final:
         lines = lines[:-1]
@@ -99,6 +104,10 @@ def parse_skeleton(
                 break
             continue  # a "Skeleton:" header before the list is harmless
         match = _ITEM.match(raw)
+        if match is not None and match["sub"] and "." in match["sub"][:-1]:
+            # "1.1 fruit" under point 1 is a sub-point; "3.5 million" under point 1 is just text.
+            if not items or int(match["sub"].split(".")[0]) != last_num:
+                match = None
         if match is None:
             if items and not blank_before:
                 # A wrapped line: it continues the latest point (or its latest sub-point).
@@ -158,4 +167,4 @@ def parse_skeleton(
         if not text_ or text_.casefold() in {p.casefold() for p in points}:
             continue
         points.append(_cap(text_, max_point_chars))
-    return SkeletonParse(points=tuple(points[:max_points]), ended=ended)
+    return SkeletonParse(points=tuple(points[:max_points]), ended=ended or ended_by_token)

@@ -1,0 +1,280 @@
+"""The engine against the in-process scripted backend: orchestration, failures, cancellation, stats."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+
+import pytest
+
+from sot.backends.base import GenerationRequest, Message, SamplingParams
+from sot.backends.scripted import ScriptedBackend, default_responder
+from sot.engine import Engine, EngineConfig
+from sot.errors import BackendStatusError, BadRequestError, InputError
+from sot.events import Done, ErrorEvent, Fallback, PointDelta, PointDone, PointStarted, SkeletonDone
+
+
+def point_index(request: GenerationRequest) -> int | None:
+    """Which point a request expands (the prefill starts with its number), or None."""
+    head, _, rest = request.prefill.partition(".")
+    return int(head) if head.isdigit() and rest.strip() else None  # the skeleton's prefill is a bare "1."
+
+
+async def collect(engine: Engine, question: str | list[Message] = "How can I sleep better?", mode: str = "sot"):
+    return [event async for event in engine.stream(question, mode)]  # type: ignore[arg-type]
+
+
+async def test_sot_latency_is_skeleton_plus_slowest_point_not_the_sum() -> None:
+    backend = ScriptedBackend(token_delay=0.02)
+    engine = Engine(backend)
+    started = time.perf_counter()
+    events = await collect(engine)
+    elapsed = time.perf_counter() - started
+    result = events[-1].result
+    assert result.mode_used == "sot" and result.complete
+    assert result.points == ["First idea", "Second idea", "Third idea"]
+    assert result.answer.splitlines()[1] == "2. Second idea: A short explanation of this point."
+    stats = result.stats
+    point_sum = sum(p.seconds for p in stats.points)
+    assert elapsed < stats.skeleton_seconds + point_sum * 0.7
+    assert elapsed == pytest.approx(stats.skeleton_seconds + stats.slowest_point_seconds, abs=0.06)
+    # Every point request shares the same leading messages (prefix caches serve them all).
+    point_requests = [r for r in backend.requests if point_index(r)]
+    assert len({r.messages[:-1] for r in point_requests}) == 1
+    assert len({r.cache_key for r in point_requests}) == 1
+
+
+async def test_event_order_and_stats() -> None:
+    events = await collect(Engine(ScriptedBackend()))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "run_started" and kinds[-1] == "done"
+    assert kinds.index("skeleton_done") < kinds.index("point_started")
+    done = Counter(e.index for e in events if isinstance(e, PointDone))
+    assert done == {1: 1, 2: 1, 3: 1}
+    stats = events[-1].result.stats
+    assert stats.requests == 4
+    assert stats.completion_tokens > 0 and stats.prompt_tokens > 0
+    assert stats.time_to_first_token is not None and stats.time_to_first_token <= stats.total_seconds
+
+
+async def test_normal_mode_streams_answer_and_token_times() -> None:
+    events = await collect(Engine(ScriptedBackend()), mode="normal")
+    result = events[-1].result
+    assert result.mode_used == "normal" and result.answer == "A plain answer in a few words."
+    assert len(result.stats.token_times) == 7  # one per streamed word
+
+
+async def test_too_few_points_falls_back_and_says_so() -> None:
+    def responder(request: GenerationRequest) -> str:
+        if "skeleton" in request.messages[-1].content.lower():
+            return " Just one thing.\n"
+        return "Plain answer."
+
+    events = await collect(Engine(ScriptedBackend(responder)))
+    fallback = [e for e in events if isinstance(e, Fallback)]
+    assert len(fallback) == 1 and "1 usable point" in fallback[0].reason
+    result = events[-1].result
+    assert result.mode_used == "normal" and result.fallback_reason == fallback[0].reason
+    assert result.answer == "Plain answer."
+
+
+async def test_failed_skeleton_falls_back_to_normal() -> None:
+    def responder(request: GenerationRequest) -> str:
+        if "skeleton" in request.messages[-1].content.lower():
+            raise BackendStatusError("upstream answered 500: boom", status_code=500)
+        return "Plain answer."
+
+    result = (await collect(Engine(ScriptedBackend(responder))))[-1].result
+    assert result.mode_used == "normal"
+    assert "skeleton request failed" in result.fallback_reason and "boom" in result.fallback_reason
+
+
+async def test_a_failed_point_is_retried_once() -> None:
+    calls: Counter[int] = Counter()
+
+    def responder(request: GenerationRequest) -> str:
+        index = point_index(request)
+        if index == 2:
+            calls[2] += 1
+            if calls[2] == 1:
+                raise BackendStatusError("upstream answered 500: flaky", status_code=500)
+        return default_responder(request)
+
+    events = await collect(Engine(ScriptedBackend(responder)))
+    result = events[-1].result
+    assert result.mode_used == "sot" and result.complete
+    assert calls[2] == 2
+    assert [e.attempt for e in events if isinstance(e, PointStarted) and e.index == 2] == [1, 2]
+    assert result.stats.points[1].attempts == 2
+
+
+async def test_a_point_that_keeps_failing_falls_back() -> None:
+    def responder(request: GenerationRequest) -> str:
+        if point_index(request) == 3:
+            raise BackendStatusError("upstream answered 500: down", status_code=500)
+        return default_responder(request)
+
+    result = (await collect(Engine(ScriptedBackend(responder))))[-1].result
+    assert result.mode_used == "normal"
+    assert result.fallback_reason.startswith("point 3 failed after 2 attempt(s)")
+
+
+async def test_bad_request_is_not_retried_and_raises_clearly() -> None:
+    def responder(request: GenerationRequest) -> str:
+        raise BadRequestError("upstream answered 400: model not found", status_code=400)
+
+    backend = ScriptedBackend(responder)
+    with pytest.raises(BadRequestError, match="model not found"):
+        await collect(Engine(backend))
+    assert len(backend.requests) == 1
+
+
+async def test_error_event_precedes_the_raise() -> None:
+    def responder(request: GenerationRequest) -> str:
+        raise BackendStatusError("upstream answered 503: overloaded", status_code=503)
+
+    seen = []
+    with pytest.raises(BackendStatusError):
+        async for event in Engine(ScriptedBackend(responder)).stream("q?", "normal"):
+            seen.append(event)
+    assert isinstance(seen[-1], ErrorEvent) and "overloaded" in seen[-1].error
+
+
+async def test_stalled_point_hits_its_deadline_then_falls_back_in_time() -> None:
+    def responder(request: GenerationRequest) -> str:
+        if point_index(request) == 1:
+            return " slow" * 1000
+        return default_responder(request)
+
+    engine = Engine(ScriptedBackend(responder, token_delay=0.01), EngineConfig(point_deadline=0.3))
+    started = time.perf_counter()
+    result = (await collect(engine))[-1].result
+    assert time.perf_counter() - started < 3.0
+    assert result.mode_used == "normal" and "timed out" not in (result.answer or "")
+    assert "deadline" in result.fallback_reason
+
+
+async def test_truncated_point_is_marked_never_complete() -> None:
+    def responder(request: GenerationRequest) -> str:
+        if point_index(request) == 2:
+            return " word" * 50
+        return default_responder(request)
+
+    engine = Engine(ScriptedBackend(responder), EngineConfig(point_max_tokens=10))
+    events = await collect(engine)
+    result = events[-1].result
+    assert result.mode_used == "sot"
+    assert not result.complete and result.finish_reason == "length" and result.truncated_points == [2]
+    done = next(e for e in events if isinstance(e, PointDone) and e.index == 2)
+    assert done.truncated and done.finish_reason == "length"
+
+
+async def test_point_stops_where_the_next_point_starts() -> None:
+    def responder(request: GenerationRequest) -> str:
+        if point_index(request) == 1:
+            return " Keep a routine.\n2. Second idea: this belongs to point two."
+        return default_responder(request)
+
+    backend = ScriptedBackend(responder)
+    events = await collect(Engine(backend))
+    result = events[-1].result
+    assert result.expansions[0] == "Keep a routine."
+    streamed = "".join(e.text for e in events if isinstance(e, PointDelta) and e.index == 1)
+    assert "point two" not in streamed
+    assert backend.active == 0
+
+
+async def test_consumer_that_stops_listening_cancels_every_request() -> None:
+    backend = ScriptedBackend(token_delay=0.05)
+    engine = Engine(backend)
+    events = engine.stream("How can I sleep better?", "sot")
+    async with contextlib.aclosing(events):
+        async for event in events:
+            if isinstance(event, PointDelta):
+                break
+    assert backend.active == 0
+    assert backend.cancelled >= 3  # every point still running was cancelled
+
+
+async def test_cancelling_the_task_cancels_every_request() -> None:
+    backend = ScriptedBackend(token_delay=0.05)
+    task = asyncio.create_task(Engine(backend).run("How can I sleep better?"))
+    while not any(point_index(r) for r in backend.requests):
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert backend.active == 0
+
+
+async def test_instruction_style_for_backends_without_prefill() -> None:
+    backend = ScriptedBackend(supports_prefill=False)
+    result = (await collect(Engine(backend)))[-1].result
+    assert result.mode_used == "sot"
+    assert all(r.prefill == "" for r in backend.requests)
+    assert 'Start your reply with "2. Second idea:' in backend.requests[2].messages[-1].content
+
+
+async def test_parallelism_is_bounded() -> None:
+    peak = 0
+    backend = ScriptedBackend(token_delay=0.01)
+    original = backend.stream
+
+    async def watching(request: GenerationRequest):  # type: ignore[no-untyped-def]
+        nonlocal peak
+        async for chunk in original(request):
+            peak = max(peak, backend.active)
+            yield chunk
+
+    backend.stream = watching  # type: ignore[method-assign]
+    await collect(Engine(backend, EngineConfig(max_parallel=2)))
+    assert peak == 2
+
+
+async def test_multi_turn_conversation_reaches_every_request() -> None:
+    backend = ScriptedBackend()
+    conversation = [Message("user", "I work night shifts."), Message("assistant", "Noted."), Message("user", "Sleep tips?")]
+    await collect(Engine(backend), conversation)
+    assert all(Message("user", "I work night shifts.") in r.messages for r in backend.requests)
+
+
+async def test_auto_without_router_means_sot() -> None:
+    events = await collect(Engine(ScriptedBackend()), mode="auto")
+    assert events[1].type == "route_decided" and events[-1].result.mode_used == "sot"
+
+
+@pytest.mark.parametrize(
+    ("question", "message"),
+    [("", "empty"), ("   \n", "empty"), ("x" * 200_001, "limit"), ([Message("assistant", "hi")], "end with a user")],
+)
+async def test_bad_input_raises_input_error(question: object, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        await collect(Engine(ScriptedBackend()), question)  # type: ignore[arg-type]
+
+
+async def test_braces_and_numbered_lines_in_the_question_are_safe() -> None:
+    question = "Explain {this} and {{that}}:\n1. first\n2. {point} {index}"
+    backend = ScriptedBackend()
+    result = (await collect(Engine(backend), question))[-1].result
+    assert result.mode_used == "sot"
+    assert question in backend.requests[0].messages[-1].content
+
+
+def test_run_sync_and_sampling_are_passed_through() -> None:
+    backend = ScriptedBackend()
+    engine = Engine(backend, EngineConfig(sampling=SamplingParams(temperature=0.3, seed=7), point_max_tokens=50))
+    result = engine.run_sync("Sleep tips?")
+    assert isinstance(result.stats.total_seconds, float)
+    assert all(r.sampling.temperature == 0.3 and r.sampling.seed == 7 for r in backend.requests)
+    assert backend.requests[1].sampling.max_tokens == 50
+
+
+def test_done_is_the_last_event() -> None:
+    async def main() -> list[object]:
+        return await collect(Engine(ScriptedBackend()))
+
+    events = asyncio.run(main())
+    assert isinstance(events[-1], Done) and isinstance(events[1], type(events[1]))
+    assert any(isinstance(e, SkeletonDone) for e in events)

@@ -1,0 +1,103 @@
+"""Prompt rendering (both styles, both layouts, the paper's files) and answer assembly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sot.backends.base import Message
+from sot.core.assemble import assemble_answer, clean_point_text
+from sot.core.prompts import CHAT, SMOLLM, fill, parse_prompt_set, point_request, skeleton_request
+from sot.errors import ConfigError
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+CONVERSATION = [Message("user", "How do I {sleep} better?\n1. not a point")]
+POINTS = ["Keep a schedule", "Dim the lights", "Skip late coffee"]
+
+
+def test_fill_is_literal_and_leaves_unknown_braces() -> None:
+    assert fill("{question} {x}", question="{point} {index}") == "{point} {index} {x}"
+
+
+def test_skeleton_prefill_style_has_examples_then_question_and_prefill() -> None:
+    messages, prefill = skeleton_request(SMOLLM, CONVERSATION, prefill=True)
+    assert prefill == "1."
+    assert [m.role for m in messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert "How do I {sleep} better?\n1. not a point" in messages[-1].content
+
+
+def test_skeleton_instruction_style_asks_to_start_with_one() -> None:
+    messages, prefill = skeleton_request(CHAT, CONVERSATION, prefill=False)
+    assert prefill == ""
+    assert messages[0].role == "system"
+    assert 'Start your reply with "1."' in messages[-1].content
+
+
+def test_point_prompts_share_their_prefix_and_differ_only_at_the_end() -> None:
+    rendered = []
+    for i in range(1, 4):
+        messages, prefill = point_request(SMOLLM, CONVERSATION, POINTS, i, prefill=True)
+        rendered.append((messages, prefill))
+        assert prefill == f"{i}. {POINTS[i - 1]}:"
+    skeleton_messages, _ = skeleton_request(SMOLLM, CONVERSATION, prefill=True)
+    for messages, _ in rendered:
+        # The point prompt is the skeleton conversation, the skeleton as reply, then one short request.
+        assert messages[: len(skeleton_messages)] == skeleton_messages
+        assert messages[len(skeleton_messages)] == Message("assistant", "1. Keep a schedule\n2. Dim the lights\n3. Skip late coffee")
+        assert len(messages) == len(skeleton_messages) + 2
+    assert len({m[0][-1].content for m in rendered}) == 3
+
+
+def test_multi_turn_history_reaches_both_stages() -> None:
+    conversation = [Message("user", "I work nights."), Message("assistant", "Noted."), Message("user", "Tips?")]
+    skeleton, _ = skeleton_request(SMOLLM, conversation, prefill=True)
+    point, _ = point_request(SMOLLM, conversation, POINTS, 1, prefill=True)
+    for messages in (skeleton, point):
+        assert Message("user", "I work nights.") in messages
+        assert Message("assistant", "Noted.") in messages
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="../shared is not present")
+@pytest.mark.parametrize("name", ["sot_opensource.json", "sot_gpt4.json", "sot_claude.json"])
+def test_paper_prompt_files_load(name: str) -> None:
+    prompts = parse_prompt_set((SHARED / "reference" / name).read_text(), name=name)
+    assert prompts.point_layout == "standalone"
+    assert "[ROLESWITCHING" not in prompts.skeleton_user + prompts.point_user
+    messages, prefill = point_request(prompts, CONVERSATION, POINTS, 2, prefill=True)
+    assert prefill.startswith("2. Dim the lights")
+    assert "How do I {sleep} better?" in messages[-1].content
+    assert "1. Keep a schedule\n2. Dim the lights" in messages[-1].content
+
+
+def test_own_format_file_and_bad_files() -> None:
+    data = SMOLLM.model_dump(mode="json")
+    data["name"] = "mine"
+    assert parse_prompt_set(json.dumps(data)).name == "mine"
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        parse_prompt_set("{nope")
+    with pytest.raises(ConfigError, match="not a valid prompt set"):
+        parse_prompt_set('{"skeleton_user": "x"}')
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (" Keep the same bedtime.", "Keep the same bedtime."),
+        ("2. Dim the lights: Use lamps.", "Use lamps."),
+        ("**Dim the lights**: Use lamps.", "Use lamps."),
+        ("dim the lights - Use lamps.", "Use lamps."),
+        ("Use lamps.\n3. Skip late coffee: no", "Use lamps."),
+        ("", ""),
+    ],
+)
+def test_clean_point_text_removes_echoed_prefix(raw: str, expected: str) -> None:
+    assert clean_point_text(2, "Dim the lights", raw) == expected
+
+
+def test_assemble_keeps_order_numbers_and_skeleton_text() -> None:
+    answer = assemble_answer(POINTS, ["A.", "", "C."])
+    assert answer.splitlines() == ["1. Keep a schedule: A.", "2. Dim the lights", "3. Skip late coffee: C."]
+    with pytest.raises(ValueError):
+        assemble_answer(POINTS, ["only one"])
