@@ -6,6 +6,7 @@ import click
 
 from sot import __version__
 from sot.cli.ask import ask
+from sot.cli.bench import bench
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -15,6 +16,7 @@ def cli() -> None:
 
 
 cli.add_command(ask)
+cli.add_command(bench)
 
 
 def main() -> None:

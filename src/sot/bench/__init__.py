@@ -1,0 +1,1 @@
+"""Benchmarks: latency of normal decoding against SoT, measured side by side, and a server load check."""
