@@ -95,6 +95,8 @@ class UpstreamOptions:
     fault_rate: float = 1.0
     # When > 0, exactly the first K requests get `fault` and `fault_rate` is ignored.
     fault_first: int = 0
+    # Only requests of this kind ("skeleton", "point", "full") can get the fault; None: any request.
+    fault_kind: str | None = None
     fault_after: int = 3
     retry_after: int = 1
     seed: int = 0
@@ -432,6 +434,7 @@ class UpstreamState:
         """Forget all requests; `fault_first` and the fault dice start over too."""
         self._rng = random.Random(self.options.seed)
         self.started = 0
+        self.eligible = 0  # requests of the kind that --fault-kind allows
         self.finished = 0
         self.cancelled = 0
         self.failed = 0
@@ -667,11 +670,15 @@ async def chat_completions(request: Request) -> Response:
     options = replace(state.options, **{k: v for k, v in overrides.options.items() if k != "fault"})
     requested_model = body.get("model")
     model = requested_model if isinstance(requested_model, str) and requested_model else options.model
-    index = state.started
-    fault = state.choose_fault(index, overrides.options)
     plan = plan_answer(
         messages, options, tokens=overrides.tokens, kind=overrides.kind, max_tokens=max_tokens, stop=stop
     )
+    index = state.started
+    fault = None
+    if options.fault_kind is None or options.fault_kind == plan.kind or "fault" in overrides.options:
+        # --fault-first counts only the requests that may get the fault.
+        fault = state.choose_fault(state.eligible, overrides.options)
+        state.eligible += 1
     prompt_tokens = sum(_word_count(m.content) for m in messages)
     last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
     cache_key = body.get("prompt_cache_key")
@@ -881,6 +888,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fault-rate", type=_rate_arg, default=defaults.fault_rate, help="fraction of faulty requests")
     p.add_argument("--fault-first", type=int, default=defaults.fault_first, help="fault exactly the first K requests")
     p.add_argument(
+        "--fault-kind",
+        choices=["skeleton", "point", "full"],
+        default=None,
+        help="only requests of this kind can get the fault (default: any)",
+    )
+    p.add_argument(
         "--fault-after",
         type=int,
         default=defaults.fault_after,
@@ -905,6 +918,7 @@ def options_from_args(args: argparse.Namespace) -> UpstreamOptions:
         fault=args.fault,
         fault_rate=args.fault_rate,
         fault_first=args.fault_first,
+        fault_kind=args.fault_kind,
         fault_after=args.fault_after,
         retry_after=args.retry_after,
         seed=args.seed,

@@ -1,0 +1,214 @@
+"""The engine through the real `openai` client against the test upstream running as a separate process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from upstream_helpers import async_get_stats, async_wait_for_stats
+
+from sot.backends.openai_compat import OpenAIBackend
+from sot.engine import Engine, EngineConfig
+from sot.errors import AuthenticationError, BackendConnectionError, BackendStatusError
+from sot.events import PointDelta
+
+QUESTION = "What are the most effective ways to deal with stress?"
+
+
+def make_engine(base_url: str, *, max_retries: int = 0, **config: Any) -> Engine:
+    backend_options = {k: config.pop(k) for k in ("continue_final_message", "cache_key_field") if k in config}
+    backend = OpenAIBackend("sot-test", base_url=base_url, api_key="test", max_retries=max_retries, **backend_options)
+    return Engine(backend, EngineConfig(**config))
+
+
+async def no_other_tasks() -> None:
+    """Nothing the engine started is still running once a run has returned or raised."""
+    await asyncio.sleep(0)
+    assert asyncio.all_tasks() == {asyncio.current_task()}
+
+
+async def settled(base_url: str) -> dict[str, Any]:
+    """The upstream's stats once nothing is active any more (cancelled streams take a moment to notice)."""
+    return await async_wait_for_stats(base_url, lambda s: s["active"] == 0, seconds=5.0)
+
+
+async def test_sot_latency_is_skeleton_plus_slowest_point(upstream_factory: Callable[..., str]) -> None:
+    base_url = upstream_factory(ttft=0.05, tokens_per_second=100, tokens_per_answer=30, skeleton_points=5)
+    engine = make_engine(base_url)
+    started = time.perf_counter()
+    result = await engine.run(QUESTION, "sot")
+    elapsed = time.perf_counter() - started
+    await engine.backend.aclose()
+    stats = result.stats
+    assert result.mode_used == "sot" and result.complete and len(result.points) == 5
+    point_sum = sum(p.seconds for p in stats.points)
+    assert point_sum > 1.5  # five points of ~0.35 s each
+    critical_path = stats.skeleton_seconds + stats.slowest_point_seconds
+    assert elapsed == pytest.approx(critical_path, rel=0.1, abs=0.1)
+    assert elapsed < stats.skeleton_seconds + point_sum / 2
+    await no_other_tasks()
+
+
+@pytest.mark.parametrize("continue_final_message", [False, True])
+async def test_both_prompt_styles_give_complete_answers(upstream: str, continue_final_message: bool) -> None:
+    engine = make_engine(upstream, continue_final_message=continue_final_message, cache_key_field="prompt_cache_key")
+    result = await engine.run(QUESTION, "sot")
+    await engine.backend.aclose()
+    assert result.mode_used == "sot" and result.complete
+    lines = result.answer.splitlines()
+    assert [line.split(".", 1)[0] for line in lines] == [str(i) for i in range(1, len(result.points) + 1)]
+    stats = await async_get_stats(upstream)
+    points = [r for r in stats["requests"] if r["kind"] == "point"]
+    assert len(points) == len(result.points)
+    assert len({r["prompt_cache_key"] for r in points}) == 1 and points[0]["prompt_cache_key"].startswith("sot-")
+
+
+async def test_normal_mode_and_usage(upstream: str) -> None:
+    engine = make_engine(upstream)
+    result = await engine.run(QUESTION, "normal")
+    await engine.backend.aclose()
+    assert result.mode_used == "normal" and result.complete and result.answer
+    assert result.stats.prompt_tokens > 0 and result.stats.completion_tokens == len(result.stats.token_times)
+
+
+FAULTS_RECOVERED_BY_RETRY = ["500", "cut", "error-mid-stream", "stall"]
+
+
+@pytest.mark.parametrize("fault", FAULTS_RECOVERED_BY_RETRY)
+async def test_a_faulty_point_is_retried_into_a_complete_answer(
+    upstream_factory: Callable[..., str], fault: str
+) -> None:
+    base_url = upstream_factory(ttft=0.01, tokens_per_second=500, fault=fault, fault_kind="point", fault_first=1)
+    engine = make_engine(base_url, point_deadline=1.0)
+    started = time.perf_counter()
+    result = await engine.run(QUESTION, "sot")
+    await engine.backend.aclose()
+    assert time.perf_counter() - started < 5.0
+    assert result.mode_used == "sot" and result.complete and result.fallback_reason is None
+    assert sorted(p.attempts for p in result.stats.points)[-1] == 2
+    assert (await settled(base_url))["active"] == 0
+    await no_other_tasks()
+
+
+async def test_rate_limit_is_retried_by_the_sdk_honouring_retry_after(upstream_factory: Callable[..., str]) -> None:
+    base_url = upstream_factory(ttft=0.01, tokens_per_second=500, fault="429", fault_kind="point", fault_first=1)
+    engine = make_engine(base_url, max_retries=2)
+    started = time.perf_counter()
+    result = await engine.run(QUESTION, "sot")
+    await engine.backend.aclose()
+    assert result.mode_used == "sot" and result.complete
+    assert 0.9 < time.perf_counter() - started < 5.0  # the upstream said Retry-After: 1
+    await no_other_tasks()
+
+
+@pytest.mark.parametrize("fault", ["500", "stall", "cut"])
+async def test_points_that_keep_failing_fall_back_to_a_complete_normal_answer(
+    upstream_factory: Callable[..., str], fault: str
+) -> None:
+    base_url = upstream_factory(ttft=0.01, tokens_per_second=500, fault=fault, fault_kind="point")
+    engine = make_engine(base_url, point_deadline=1.0)
+    started = time.perf_counter()
+    result = await engine.run(QUESTION, "sot")
+    await engine.backend.aclose()
+    assert time.perf_counter() - started < 5.0  # a deadline, one retry, then the fallback
+    assert result.mode_used == "normal" and result.complete and result.answer
+    assert result.fallback_reason is not None and "failed after 2 attempt(s)" in result.fallback_reason
+    assert (await settled(base_url))["active"] == 0
+    await no_other_tasks()
+
+
+async def test_a_failing_skeleton_falls_back(upstream_factory: Callable[..., str]) -> None:
+    base_url = upstream_factory(ttft=0.01, tokens_per_second=500, fault="error-mid-stream", fault_kind="skeleton")
+    engine = make_engine(base_url)
+    result = await engine.run(QUESTION, "sot")
+    await engine.backend.aclose()
+    assert result.mode_used == "normal" and result.complete
+    assert "skeleton request failed" in (result.fallback_reason or "")
+
+
+async def test_an_upstream_that_always_fails_gives_a_clear_error(upstream_factory: Callable[..., str]) -> None:
+    base_url = upstream_factory(fault="500")
+    engine = make_engine(base_url)
+    with pytest.raises(BackendStatusError, match="upstream answered 500"):
+        await engine.run(QUESTION, "sot")
+    await engine.backend.aclose()
+    await no_other_tasks()
+
+
+async def test_bad_credentials_are_not_retried_or_hidden(upstream_factory: Callable[..., str]) -> None:
+    base_url = upstream_factory(fault="401")
+    engine = make_engine(base_url)
+    with pytest.raises(AuthenticationError):
+        await engine.run(QUESTION, "sot")
+    await engine.backend.aclose()
+    assert (await async_get_stats(base_url))["started"] == 1
+
+
+async def test_wrong_base_url_is_a_connection_error() -> None:
+    engine = make_engine("http://127.0.0.1:9/v1")
+    with pytest.raises(BackendConnectionError, match="could not reach"):
+        await engine.run(QUESTION, "sot")
+    await engine.backend.aclose()
+
+
+async def test_a_consumer_that_leaves_cancels_the_upstream_requests(upstream_factory: Callable[..., str]) -> None:
+    base_url = upstream_factory(ttft=0.01, tokens_per_second=20, tokens_per_answer=100)
+    engine = make_engine(base_url)
+    events = engine.stream(QUESTION, "sot")
+    async for event in events:
+        if isinstance(event, PointDelta):
+            break
+    await events.aclose()
+    stats = await settled(base_url)
+    assert stats["cancelled"] >= 4  # the points still streaming when we left
+    await engine.backend.aclose()
+    await no_other_tasks()
+
+
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sot", *args], input=stdin, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_cli_against_the_upstream_json_and_stdin(upstream: str) -> None:
+    done = run_cli("ask", "--backend", "openai", "--base-url", upstream, "--model", "m", "--json", stdin=QUESTION)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["mode_used"] == "sot" and result["complete"] and len(result["points"]) == 5
+
+
+def test_cli_plain_output_when_not_a_terminal(upstream: str) -> None:
+    done = run_cli("ask", "--backend", "openai", "--base-url", upstream, "--model", "m", "--mode", "normal", QUESTION)
+    assert done.returncode == 0 and done.stdout.strip() and "\x1b[" not in done.stdout
+    assert "mode normal" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["ask", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "hi"], "could not reach"),
+        (["ask", "--backend", "nope", "hi"], "'nope' is not one of"),
+        (["ask", "--backend", "openai", "hi"], "needs --model"),
+        (["ask", "--backend", "scripted", ""], "the question is empty"),
+        (["ask", "--backend", "scripted", "--prompts", "/nonexistent.json", "hi"], "neither a built-in set"),
+    ],
+)
+def test_cli_bad_input_gives_one_clear_line_not_a_traceback(args: list[str], message: str) -> None:
+    done = run_cli(*args)
+    assert done.returncode != 0
+    assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_huge_and_brace_questions() -> None:
+    huge = run_cli("ask", "--backend", "scripted", stdin="x" * 150_000)
+    assert huge.returncode == 1
+    assert "limit" in huge.stderr and "Traceback" not in huge.stderr
+    braces = run_cli("ask", "--backend", "scripted", "What is {x}?\n1. {point}\n2. {question}")
+    assert braces.returncode == 0 and "1. First idea" in braces.stdout
