@@ -278,3 +278,33 @@ def test_done_is_the_last_event() -> None:
     events = asyncio.run(main())
     assert isinstance(events[-1], Done) and isinstance(events[1], type(events[1]))
     assert any(isinstance(e, SkeletonDone) for e in events)
+
+
+async def test_overlap_starts_points_while_the_skeleton_streams() -> None:
+    backend = ScriptedBackend(token_delay=0.02)
+    engine = Engine(backend, EngineConfig(overlap=True))
+    events = await collect(engine)
+    result = events[-1].result
+    assert result.mode_used == "sot" and result.complete and len(result.points) == 3
+    # Point 1 was requested before the skeleton finished, so its prompt shows only the skeleton so far.
+    first = next(r for r in backend.requests if point_index(r) == 1)
+    assert any(m.content == "1. First idea" for m in first.messages)
+    assert result.stats.points[0].start < result.stats.skeleton_seconds
+    # Views still see the skeleton announced before any point event.
+    kinds = [e.type for e in events]
+    assert kinds.index("skeleton_done") < kinds.index("point_started")
+    assert result.answer.splitlines()[0] == "1. First idea: A short explanation of this point."
+
+
+async def test_overlap_cancels_early_points_when_the_skeleton_is_too_short() -> None:
+    def responder(request: GenerationRequest) -> str:
+        if "skeleton" in request.messages[-1].content.lower() and not point_index(request):
+            return " Only idea\nThat is all, really, nothing else to add here."
+        if point_index(request):
+            return " slow" * 200
+        return "Plain answer."
+
+    backend = ScriptedBackend(responder, token_delay=0.01)
+    result = (await collect(Engine(backend, EngineConfig(overlap=True))))[-1].result
+    assert result.mode_used == "normal" and "1 usable point" in (result.fallback_reason or "")
+    assert backend.active == 0

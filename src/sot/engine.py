@@ -80,6 +80,8 @@ class EngineConfig:
     point_deadline: float = 120.0
     point_retries: int = 1
     max_question_chars: int = 100_000
+    # Start expanding a point as soon as its skeleton line is complete, while the skeleton goes on.
+    overlap: bool = False
 
 
 def normalize_conversation(conversation: str | Sequence[Message] | Sequence[dict[str, Any]]) -> list[Message]:
@@ -138,6 +140,13 @@ class _Tally:
         self.completion_tokens += chunk.usage.completion_tokens or counted_chunks
         if chunk.usage.computed_prompt_tokens is not None:
             self.computed_prompt_tokens = (self.computed_prompt_tokens or 0) + chunk.usage.computed_prompt_tokens
+
+
+@dataclass
+class _SkeletonOutcome:
+    text: str
+    finish: str
+    error: BaseException | None = None
 
 
 @dataclass
@@ -359,84 +368,132 @@ class Engine:
             tally.add(Chunk(), chunks)
         yield (text, finish)
 
-    async def _sot(
-        self, messages: list[Message], clock: _Clock, tally: _Tally, stats: Stats
-    ) -> AsyncGenerator[Event, None]:
-        config = self.config
-        skeleton_text = ""
-        finish = "stop"
+    async def _skeleton_task(
+        self, messages: list[Message], clock: _Clock, tally: _Tally, queue: asyncio.Queue[Any]
+    ) -> None:
+        """Run the skeleton stage, forwarding its deltas; the last item queued is a `_SkeletonOutcome`."""
         try:
             async with contextlib.aclosing(self._skeleton(messages, clock, tally)) as skeleton_events:
                 async for step in skeleton_events:
                     if isinstance(step, tuple):
-                        skeleton_text, finish = step
+                        queue.put_nowait(_SkeletonOutcome(text=step[0], finish=step[1]))
                     else:
-                        yield step
+                        queue.put_nowait(step)
         except (BackendError, TimeoutError) as exc:
-            if isinstance(exc, AuthenticationError | BadRequestError):
-                raise  # normal decoding would fail the same way
-            reason = f"the skeleton request failed: {_describe(exc)}"
-            async with contextlib.aclosing(self._fallback(messages, clock, tally, stats, reason, None)) as events:
-                async for event in events:
-                    yield event
-            return
-        stats.skeleton_seconds = clock.now()
-        parsed = parse_skeleton(skeleton_text, max_points=config.max_points, max_point_chars=config.max_point_chars)
-        points = list(parsed.points)
-        if finish == "length" and not parsed.ended and points:
-            points.pop()  # the last line was cut mid-way by the token limit
-        yield SkeletonDone(text=skeleton_text, points=points, seconds=stats.skeleton_seconds)
-        if len(points) < config.min_points:
-            reason = f"the skeleton had {len(points)} usable point(s); at least {config.min_points} are needed"
-            async with contextlib.aclosing(
-                self._fallback(messages, clock, tally, stats, reason, skeleton_text)
-            ) as events:
-                async for event in events:
-                    yield event
-            return
+            queue.put_nowait(_SkeletonOutcome(text="", finish="error", error=exc))
 
-        queue: asyncio.Queue[Event | _PointOutcome] = asyncio.Queue()
+    async def _sot(
+        self, messages: list[Message], clock: _Clock, tally: _Tally, stats: Stats
+    ) -> AsyncGenerator[Event, None]:
+        config = self.config
+        queue: asyncio.Queue[Any] = asyncio.Queue()
         limit = asyncio.Semaphore(max(1, config.max_parallel))
-        tasks = [
-            asyncio.create_task(self._expand_point(messages, points, i, limit, queue, clock, tally))
-            for i in range(1, len(points) + 1)
-        ]
+        tasks: list[asyncio.Task[None]] = [asyncio.create_task(self._skeleton_task(messages, clock, tally, queue))]
+        launched: list[str] = []  # the point texts each expansion was started with, in order
+
+        def launch(visible: list[str], *, partial: bool) -> None:
+            """Start expanding every point of `visible` not started yet.
+
+            While the skeleton is still streaming (`partial`), a point sees the skeleton up to its own line;
+            afterwards every point sees all of it, so all point prompts share one prefix.
+            """
+            for index in range(len(launched) + 1, len(visible) + 1):
+                launched.append(visible[index - 1])
+                shown = visible[:index] if partial else visible
+                task = self._expand_point(messages, shown, index, limit, queue, clock, tally)
+                tasks.append(asyncio.create_task(task))
+
+        held: list[Event] = []  # point events that arrive before the skeleton is announced as done
         outcomes: dict[int, _PointOutcome] = {}
+        fallback: tuple[str, str | None] | None = None
+        points: list[str] = []
         try:
-            while len(outcomes) < len(points):
+            skeleton_text = ""
+            while True:
                 item = await queue.get()
-                if isinstance(item, _PointOutcome):
+                if isinstance(item, _SkeletonOutcome):
+                    break
+                if isinstance(item, SkeletonDelta):
+                    skeleton_text += item.text
+                    yield item
+                    if config.overlap and "\n" in item.text:
+                        partial = parse_skeleton(
+                            skeleton_text,
+                            max_points=config.max_points,
+                            max_point_chars=config.max_point_chars,
+                            final=False,
+                        )
+                        launch(list(partial.points), partial=True)
+                elif isinstance(item, _PointOutcome):
                     outcomes[item.index] = item
                 else:
-                    yield item
+                    held.append(item)
+            stats.skeleton_seconds = clock.now()
+            if item.error is not None:
+                if isinstance(item.error, AuthenticationError | BadRequestError):
+                    raise item.error  # normal decoding would fail the same way
+                fallback = (f"the skeleton request failed: {_describe(item.error)}", None)
+            else:
+                skeleton_text = item.text
+                parsed = parse_skeleton(
+                    skeleton_text, max_points=config.max_points, max_point_chars=config.max_point_chars
+                )
+                points = list(parsed.points)
+                if item.finish == "length" and not parsed.ended and len(points) > len(launched):
+                    points.pop()  # the last line was cut mid-way by the token limit
+                # Points already started keep the text they were started with.
+                points[: len(launched)] = launched
+                yield SkeletonDone(text=skeleton_text, points=points, seconds=stats.skeleton_seconds)
+                if len(points) < config.min_points:
+                    fallback = (
+                        f"the skeleton had {len(points)} usable point(s); at least {config.min_points} are needed",
+                        skeleton_text,
+                    )
+            if fallback is None:
+                for event in held:
+                    yield event
+                launch(points, partial=False)
+                while len(outcomes) < len(points):
+                    item = await queue.get()
+                    if isinstance(item, _PointOutcome):
+                        outcomes[item.index] = item
+                    else:
+                        yield item
         finally:
-            # Reached on normal completion and when the consumer stops listening: no request outlives us.
+            # Reached on completion, on fallback and when the consumer stops listening: no request outlives us.
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-        ordered = [outcomes[i] for i in range(1, len(points) + 1)]
-        stats.points = [
-            PointStats(
-                index=o.index,
-                point=points[o.index - 1],
-                start=o.start,
-                seconds=o.seconds,
-                tokens=o.tokens,
-                finish_reason="error" if o.error else ("length" if o.finish_reason == "length" else "stop"),
-                attempts=o.attempts,
-            )
-            for o in ordered
-        ]
-        failed = [o for o in ordered if o.error is not None]
-        if failed:
-            reason = f"point {failed[0].index} failed after {failed[0].attempts} attempt(s): {failed[0].error}"
+        if fallback is None:
+            ordered = [outcomes[i] for i in range(1, len(points) + 1)]
+            stats.points = [
+                PointStats(
+                    index=o.index,
+                    point=points[o.index - 1],
+                    start=o.start,
+                    seconds=o.seconds,
+                    tokens=o.tokens,
+                    finish_reason="error" if o.error else ("length" if o.finish_reason == "length" else "stop"),
+                    attempts=o.attempts,
+                )
+                for o in ordered
+            ]
+            failed = next((o for o in ordered if o.error is not None), None)
+            if failed is not None:
+                fallback = (
+                    f"point {failed.index} failed after {failed.attempts} attempt(s): {failed.error}",
+                    skeleton_text,
+                )
+        if fallback is not None:
+            reason, shown_skeleton = fallback
             async with contextlib.aclosing(
-                self._fallback(messages, clock, tally, stats, reason, skeleton_text)
+                self._fallback(messages, clock, tally, stats, reason, shown_skeleton)
             ) as events:
                 async for event in events:
                     yield event
             return
+
         expansions = [clean_point_text(o.index, points[o.index - 1], o.raw) for o in ordered]
         truncated = [o.index for o in ordered if o.finish_reason == "length"]
         yield Done(

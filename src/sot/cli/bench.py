@@ -78,9 +78,12 @@ def bench(
                 f"[dim]test upstream at {base_url}: ttft {API_LIKE['ttft']} s, "
                 f"{API_LIKE['tokens_per_second']:g} tokens/s per request[/dim]"
             )
-            asyncio.run(_bench(console, questions, params, output))
+            payload = asyncio.run(_bench(console, questions, params))
     else:
-        asyncio.run(_bench(console, questions, params, output))
+        payload = asyncio.run(_bench(console, questions, params))
+    if output is not None:
+        output.write_text(json.dumps(payload, indent=2))
+        console.print(f"[dim]wrote {output}[/dim]")
 
 
 async def _bench(
@@ -115,19 +118,16 @@ async def _bench(
             extra["SoT overall decode rate (tokens/s), vs 1 sequence"] = f"{sot_rate:.0f} ({sot_rate / rates[1]:.2f}x)"
     console.print(rows_table(rows))
     console.print(summary_table(summary, extra))
-    if output is not None:
-        payload = {
-            "summary": summary.to_json(),
-            "decode_rates": rates,
-            "rows": [
-                {
-                    **row.__dict__,
-                    "speedup": row.speedup,
-                    "parallel_efficiency": row.parallel_efficiency,
-                    "equal_length_speedup": row.equal_length_speedup,
-                }
-                for row in rows
-            ],
-        }
-        output.write_text(json.dumps(payload, indent=2))
-        console.print(f"[dim]wrote {output}[/dim]")
+    return {
+        "summary": summary.to_json(),
+        "decode_rates": rates,
+        "rows": [
+            {
+                **row.__dict__,
+                "speedup": row.speedup,
+                "parallel_efficiency": row.parallel_efficiency,
+                "equal_length_speedup": row.equal_length_speedup,
+            }
+            for row in rows
+        ],
+    }

@@ -87,6 +87,11 @@ def generation_options(func: F) -> F:
             help="Seconds allowed per point.",
         ),
         click.option(
+            "--overlap/--no-overlap",
+            default=None,
+            help="Start expanding each point as soon as its skeleton line is complete.",
+        ),
+        click.option(
             "--prompts",
             "prompts_source",
             help=f"Prompt set: a built-in name ({', '.join(BUILTIN)}) or a JSON file (ours or the paper's format).",
@@ -150,6 +155,7 @@ def build_engine(backend: Backend, params: dict[str, Any], router: Any = None) -
         max_parallel=params.get("max_parallel") or 16,
         point_deadline=params.get("point_deadline") or 120.0,
         point_max_tokens=params.get("point_max_tokens") or EngineConfig.point_max_tokens,
+        overlap=EngineConfig.overlap if params.get("overlap") is None else bool(params["overlap"]),
     )
     return Engine(backend, config, router=router)
 
