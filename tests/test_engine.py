@@ -240,9 +240,14 @@ async def test_multi_turn_conversation_reaches_every_request() -> None:
     assert all(Message("user", "I work night shifts.") in r.messages for r in backend.requests)
 
 
-async def test_auto_without_router_means_sot() -> None:
-    events = await collect(Engine(ScriptedBackend()), mode="auto")
-    assert events[1].type == "route_decided" and events[-1].result.mode_used == "sot"
+async def test_auto_uses_the_trained_router_by_default() -> None:
+    engine = Engine(ScriptedBackend())
+    listy = await collect(engine, "What are the most effective ways to deal with stress?", mode="auto")
+    assert listy[1].type == "route_decided" and listy[1].router == "trained"
+    assert listy[-1].result.mode_used == "sot" and listy[-1].result.route.mode == "sot"
+    mathy = await collect(engine, "Solve for x in the equation 3x + 10 = 5(x - 2).", mode="auto")
+    assert mathy[1].mode == "normal" and mathy[-1].result.mode_used == "normal"
+    assert mathy[-1].result.fallback_reason is None  # routing is a decision, not a fallback
 
 
 @pytest.mark.parametrize(

@@ -264,7 +264,9 @@ class Engine:
 
     async def _route(self, messages: list[Message]) -> RouteDecided:
         if self.router is None:
-            return RouteDecided(mode="sot", router="none", reason="no router configured: auto means sot")
+            from sot.router import make_router  # the trained router: offline, milliseconds
+
+            self.router = make_router("trained")
         decision = await self.router.decide(messages)
         return RouteDecided(
             mode="sot" if decision.use_sot else "normal",

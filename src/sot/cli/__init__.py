@@ -7,6 +7,7 @@ import click
 from sot import __version__
 from sot.cli.ask import ask
 from sot.cli.bench import bench
+from sot.cli.router_cmd import router
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,6 +18,7 @@ def cli() -> None:
 
 cli.add_command(ask)
 cli.add_command(bench)
+cli.add_command(router)
 
 
 def main() -> None:
