@@ -8,6 +8,7 @@ from sot import __version__
 from sot.cli.ask import ask
 from sot.cli.bench import bench
 from sot.cli.router_cmd import router
+from sot.cli.serve import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,6 +20,7 @@ def cli() -> None:
 cli.add_command(ask)
 cli.add_command(bench)
 cli.add_command(router)
+cli.add_command(serve)
 
 
 def main() -> None:

@@ -64,6 +64,8 @@ def bench(
 
         report = asyncio.run(run_load_check(n_requests=load_requests))
         console.print(render_load_report(report))
+        if not report.ok:
+            raise SystemExit(1)
         return
     questions = load_questions(dataset, only_suitable=not all_questions, limit=limit)
     explicit_backend = click.get_current_context().get_parameter_source("backend") != click.core.ParameterSource.DEFAULT
@@ -86,9 +88,7 @@ def bench(
         console.print(f"[dim]wrote {output}[/dim]")
 
 
-async def _bench(
-    console: Console, questions: list[dict[str, Any]], params: dict[str, Any], output: Path | None
-) -> None:
+async def _bench(console: Console, questions: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
     backend = build_backend(params, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     engine = build_engine(backend, params)
     try:
