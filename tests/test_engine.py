@@ -200,9 +200,16 @@ async def test_consumer_that_stops_listening_cancels_every_request() -> None:
 
 async def test_cancelling_the_task_cancels_every_request() -> None:
     backend = ScriptedBackend(token_delay=0.05)
-    task = asyncio.create_task(Engine(backend).run("How can I sleep better?"))
-    while not any(point_index(r) for r in backend.requests):
-        await asyncio.sleep(0.01)
+    engine = Engine(backend)
+    points_running = asyncio.Event()
+
+    async def run() -> None:
+        async for event in engine.stream("How can I sleep better?"):
+            if isinstance(event, PointDelta):
+                points_running.set()
+
+    task = asyncio.create_task(run())
+    await points_running.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -235,7 +242,11 @@ async def test_parallelism_is_bounded() -> None:
 
 async def test_multi_turn_conversation_reaches_every_request() -> None:
     backend = ScriptedBackend()
-    conversation = [Message("user", "I work night shifts."), Message("assistant", "Noted."), Message("user", "Sleep tips?")]
+    conversation = [
+        Message("user", "I work night shifts."),
+        Message("assistant", "Noted."),
+        Message("user", "Sleep tips?"),
+    ]
     await collect(Engine(backend), conversation)
     assert all(Message("user", "I work night shifts.") in r.messages for r in backend.requests)
 

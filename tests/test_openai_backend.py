@@ -11,12 +11,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from upstream_helpers import async_get_stats, async_wait_for_stats
 
 from sot.backends.openai_compat import OpenAIBackend
 from sot.engine import Engine, EngineConfig
 from sot.errors import AuthenticationError, BackendConnectionError, BackendStatusError
 from sot.events import PointDelta
+from upstream_helpers import async_get_stats, async_wait_for_stats
 
 QUESTION = "What are the most effective ways to deal with stress?"
 
@@ -193,7 +193,10 @@ def test_cli_plain_output_when_not_a_terminal(upstream: str) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["ask", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "hi"], "could not reach"),
+        (
+            ["ask", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "hi"],
+            "could not reach",
+        ),
         (["ask", "--backend", "nope", "hi"], "'nope' is not one of"),
         (["ask", "--backend", "openai", "hi"], "needs --model"),
         (["ask", "--backend", "scripted", ""], "the question is empty"),

@@ -45,7 +45,9 @@ def test_point_prompts_share_their_prefix_and_differ_only_at_the_end() -> None:
     for messages, _ in rendered:
         # The point prompt is the skeleton conversation, the skeleton as reply, then one short request.
         assert messages[: len(skeleton_messages)] == skeleton_messages
-        assert messages[len(skeleton_messages)] == Message("assistant", "1. Keep a schedule\n2. Dim the lights\n3. Skip late coffee")
+        assert messages[len(skeleton_messages)] == Message(
+            "assistant", "1. Keep a schedule\n2. Dim the lights\n3. Skip late coffee"
+        )
         assert len(messages) == len(skeleton_messages) + 2
     assert len({m[0][-1].content for m in rendered}) == 3
 

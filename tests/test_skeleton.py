@@ -13,14 +13,22 @@ CASES = [
     ("parenthesis markers", "1) Sleep\n2) Eat\n3) Move", ["Sleep", "Eat", "Move"]),
     ("dash bullets", "- Sleep\n- Eat\n- Move", ["Sleep", "Eat", "Move"]),
     ("star bullets", "* Sleep\n* Eat\n* Move", ["Sleep", "Eat", "Move"]),
-    ("point spans lines", "1. Set clear goals and\n   priorities\n2. Use a calendar", ["Set clear goals and priorities", "Use a calendar"]),
+    (
+        "point spans lines",
+        "1. Set clear goals and\n   priorities\n2. Use a calendar",
+        ["Set clear goals and priorities", "Use a calendar"],
+    ),
     ("duplicate numbers", "1. Sleep\n1. Eat\n1. Move", ["Sleep", "Eat", "Move"]),
     ("out-of-order numbers", "1. Sleep\n3. Eat\n2. Move", ["Sleep", "Eat", "Move"]),
     ("duplicate points dropped", "1. Sleep\n2. Sleep\n3. Move", ["Sleep", "Move"]),
     ("preamble line", "Here is the skeleton:\n1. Sleep\n2. Eat", ["Sleep", "Eat"]),
     ("preamble with a numbered phrase", "I see 3. key ideas here:\n1. Sleep\n2. Eat", ["Sleep", "Eat"]),
     ("decimal is not a point", "1. Population of 3.5 million\n2. Growth", ["Population of 3.5 million", "Growth"]),
-    ("decimal line start", "1. Costs\n3.5 million people live there\n2. Growth", ["Costs 3.5 million people live there", "Growth"]),
+    (
+        "decimal line start",
+        "1. Costs\n3.5 million people live there\n2. Growth",
+        ["Costs 3.5 million people live there", "Growth"],
+    ),
     ("sub-points folded", "1. Diet\n   - fruit\n   - fish\n2. Sleep", ["Diet (fruit; fish)", "Sleep"]),
     ("lettered sub-points", "1. Diet\n   a) fruit\n2. Sleep", ["Diet (fruit)", "Sleep"]),
     ("dotted sub-points", "1. Diet\n1.1 fruit\n2. Sleep", ["Diet (fruit)", "Sleep"]),
@@ -61,9 +69,13 @@ def test_streaming_ignores_the_unfinished_last_line() -> None:
     assert parse_skeleton("1. Sleep\n2. Eat\nQuestion: x\n", final=False).ended is True
 
 
-point_text = st.text(
-    alphabet=st.characters(whitelist_categories=("L", "N"), whitelist_characters=" ,'"), min_size=1, max_size=40
-).map(str.strip).filter(lambda s: bool(s) and not s[0].isdigit())
+point_text = (
+    st.text(
+        alphabet=st.characters(whitelist_categories=("L", "N"), whitelist_characters=" ,'"), min_size=1, max_size=40
+    )
+    .map(str.strip)
+    .filter(lambda s: bool(s) and not s[0].isdigit())
+)
 
 
 @given(st.lists(point_text, min_size=1, max_size=15, unique_by=str.casefold), st.sampled_from([". ", ") "]))

@@ -104,10 +104,10 @@ def parse_skeleton(
                 break
             continue  # a "Skeleton:" header before the list is harmless
         match = _ITEM.match(raw)
-        if match is not None and match["sub"] and "." in match["sub"][:-1]:
-            # "1.1 fruit" under point 1 is a sub-point; "3.5 million" under point 1 is just text.
-            if not items or int(match["sub"].split(".")[0]) != last_num:
-                match = None
+        # "1.1 fruit" under point 1 is a sub-point; "3.5 million" under point 1 is just text.
+        sub = match["sub"] if match is not None else None
+        if sub and "." in sub[:-1] and (not items or int(sub.split(".")[0]) != last_num):
+            match = None
         if match is None:
             if items and not blank_before:
                 # A wrapped line: it continues the latest point (or its latest sub-point).
