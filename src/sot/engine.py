@@ -84,6 +84,12 @@ class EngineConfig:
     overlap: bool = False
 
 
+def recommended_sampling(backend: Backend) -> SamplingParams:
+    """The backend's recommended generation settings, or the generic defaults."""
+    sampling = getattr(backend, "default_sampling", None)
+    return sampling if isinstance(sampling, SamplingParams) else SamplingParams()
+
+
 def normalize_conversation(conversation: str | Sequence[Message] | Sequence[dict[str, Any]]) -> list[Message]:
     """Accept a question, `Message`s or OpenAI-style dicts; return a validated conversation."""
     if isinstance(conversation, str):
@@ -172,7 +178,9 @@ class Engine:
         router: RouterLike | None = None,
     ) -> None:
         self.backend = backend
-        self.config = config or EngineConfig()
+        # Without a config, generation follows the backend's own recommended settings (the embedded model
+        # has a repetition penalty that stops greedy loops), the same for every mode.
+        self.config = config or EngineConfig(sampling=recommended_sampling(backend))
         self.router = router
 
     # -- public API ---------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ from typing import Any, TypeVar
 
 import click
 
-from sot.backends import BACKENDS, Backend, SamplingParams, create_backend
+from sot.backends import BACKENDS, Backend, create_backend
 from sot.core.prompts import BUILTIN, PromptSet, load_prompt_set
-from sot.engine import Engine, EngineConfig
+from sot.engine import Engine, EngineConfig, recommended_sampling
 from sot.errors import ConfigError, SoTError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -135,7 +135,7 @@ def load_prompts(source: str | None) -> PromptSet | None:
 
 def build_engine(backend: Backend, params: dict[str, Any], router: Any = None) -> Engine:
     """An engine with the generation options applied over the backend's recommended sampling."""
-    base: SamplingParams = getattr(backend, "default_sampling", None) or SamplingParams()
+    base = recommended_sampling(backend)
     overrides = {
         key: params[opt]
         for key, opt in (

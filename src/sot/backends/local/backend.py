@@ -13,7 +13,7 @@ import weakref
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 
-from sot.backends.base import Chunk, GenerationRequest
+from sot.backends.base import Chunk, GenerationRequest, SamplingParams
 from sot.backends.local.model_files import (
     WeightsChoice,
     WeightsFormat,
@@ -35,6 +35,10 @@ class LocalBackend:
 
     name = BACKEND_NAME
     supports_prefill = True
+    # Greedy with a mild repetition penalty: measured on 10 SoT-suitable Vicuna questions (512-token cap),
+    # penalty 1.0 left 4/10 normal answers looping to the cap, 1.1 left 1/10; 1.2 and 1.3 looped as often
+    # (5/10, 3/10) and wrote run-on sentences. Both modes use the same settings.
+    default_sampling = SamplingParams(max_tokens=512, temperature=0.0, repeat_penalty=1.1)
 
     def __init__(
         self,
