@@ -10,6 +10,7 @@ import pytest
 from sot.backends.base import Message
 from sot.core.assemble import assemble_answer, clean_point_text
 from sot.core.prompts import CHAT, SMOLLM, fill, parse_prompt_set, point_request, skeleton_request
+from sot.core.stops import find_point_end, undecided_tail
 from sot.errors import ConfigError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -103,3 +104,24 @@ def test_assemble_keeps_order_numbers_and_skeleton_text() -> None:
     assert answer.splitlines() == ["1. Keep a schedule: A.", "2. Dim the lights", "3. Skip late coffee: C."]
     with pytest.raises(ValueError):
         assemble_answer(POINTS, ["only one"])
+
+
+@pytest.mark.parametrize(
+    ("text", "max_sentences", "expected"),
+    [
+        ("Keep a routine.\n\nAlso, hello there", None, "Keep a routine."),
+        ("Keep a routine.\n3. Next point", None, "Keep a routine."),
+        ("Keep a routine. Sleep 8 hours. Wake early. ", 2, "Keep a routine. Sleep 8 hours."),
+        ("Costs 3.5 dollars, e.g. at Dr. Who's. Yes! More text ", 2, "Costs 3.5 dollars, e.g. at Dr. Who's. Yes!"),
+        ("One sentence still going", 2, None),
+        ("Short. Still writing", 2, None),
+    ],
+)
+def test_point_end(text: str, max_sentences: int | None, expected: str | None) -> None:
+    end = find_point_end(text, max_sentences=max_sentences)
+    assert (None if end is None else text[:end]) == expected
+
+
+def test_undecided_tail_holds_back_a_possible_next_number() -> None:
+    assert undecided_tail("Keep a routine.\n3") == len("Keep a routine.")
+    assert undecided_tail("Keep a routine.") == len("Keep a routine.")

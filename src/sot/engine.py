@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import re
 import time
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,6 +21,7 @@ from sot.backends.base import Backend, Chunk, GenerationRequest, Message, Sampli
 from sot.core.assemble import assemble_answer, clean_point_text
 from sot.core.prompts import CHAT, SMOLLM, PromptSet, point_request, render_skeleton, skeleton_request
 from sot.core.skeleton import parse_skeleton
+from sot.core.stops import find_point_end, undecided_tail
 from sot.errors import (
     AuthenticationError,
     BackendError,
@@ -47,12 +47,6 @@ from sot.events import (
     SkeletonDone,
     Stats,
 )
-
-# A point's expansion ends at a blank line (after which small models chatter) or where the next point's
-# number starts a line.
-_POINT_END = re.compile(r"\n[ \t]*\n|\n[ \t]*\*{0,2}\d{1,3}[.)]\s")
-# A tail that could still grow into a point end; it is held back until the next chunk decides.
-_POINT_END_PREFIX = re.compile(r"\n[ \t]*(?:\*{0,2}\d{0,3}[.)]?)?$")
 
 
 class RouterLike(Protocol):
@@ -82,6 +76,9 @@ class EngineConfig:
     max_question_chars: int = 100_000
     # Start expanding a point as soon as its skeleton line is complete, while the skeleton goes on.
     overlap: bool = False
+    # End a point after this many sentences (the prompts ask for 1-2); None: only at a blank line or the
+    # next point's number.
+    point_max_sentences: int | None = None
 
 
 def recommended_sampling(backend: Backend) -> SamplingParams:
@@ -610,15 +607,13 @@ class Engine:
                             continue
                         chunks += 1
                         text += chunk.text
-                        end = _POINT_END.search(text, max(0, emitted - 8))
-                        if end:
-                            text = text[: end.start()]
+                        end = find_point_end(
+                            text, max_sentences=self.config.point_max_sentences, start=max(0, emitted - 8)
+                        )
+                        if end is not None:
+                            text = text[:end]
                             stopped_early = True
-                        safe = len(text)
-                        if not stopped_early:
-                            held = _POINT_END_PREFIX.search(text)
-                            if held:
-                                safe = held.start()
+                        safe = len(text) if stopped_early else undecided_tail(text)
                         if safe > emitted:
                             queue.put_nowait(PointDelta(index=index, text=text[emitted:safe]))
                             emitted = safe
