@@ -178,6 +178,8 @@ class Summary:
     mean_sot_tokens: float
     prompt_tokens: int
     computed_prompt_tokens: int | None
+    sot_decode_steps_mean: float | None = None  # per SoT answer, where the backend counts steps
+    sot_sequences_per_step: float | None = None  # mean batch size of those steps
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,6 +191,12 @@ def summarize(rows: Sequence[QuestionTiming]) -> Summary:
     equal = [r.equal_length_speedup for r in rows if r.equal_length_speedup is not None]
     efficiency = [r.parallel_efficiency for r in rows if r.parallel_efficiency is not None]
     computed = [r.computed_prompt_tokens for r in rows if r.computed_prompt_tokens is not None]
+    steps, sequences = 0.0, 0.0
+    for r in rows:
+        for key, count in r.backend_counters.items():
+            if key.startswith("batch_size."):
+                steps += count
+                sequences += int(key.split(".", 1)[1]) * count
     return Summary(
         questions=len(rows),
         speedup_geomean=geometric_mean([r.speedup for r in rows]),
@@ -206,6 +214,8 @@ def summarize(rows: Sequence[QuestionTiming]) -> Summary:
         mean_sot_tokens=statistics.fmean([r.sot_tokens for r in rows]) if rows else 0.0,
         prompt_tokens=sum(r.prompt_tokens for r in rows),
         computed_prompt_tokens=sum(computed) if len(computed) == len(rows) and rows else None,
+        sot_decode_steps_mean=steps / len(rows) if steps and rows else None,
+        sot_sequences_per_step=sequences / steps if steps else None,
     )
 
 
@@ -262,6 +272,13 @@ def summary_table(summary: Summary, extra: dict[str, str] | None = None) -> Tabl
             (
                 "SoT prompt tokens computed / without reuse",
                 f"{summary.computed_prompt_tokens} / {summary.prompt_tokens} ({saved:.0%} saved)",
+            )
+        )
+    if summary.sot_decode_steps_mean is not None and summary.sot_sequences_per_step is not None:
+        lines.append(
+            (
+                "SoT decode steps per answer, sequences per step",
+                f"{summary.sot_decode_steps_mean:.0f}, {summary.sot_sequences_per_step:.2f}",
             )
         )
     lines.extend((extra or {}).items())
