@@ -76,8 +76,7 @@ class EngineConfig:
     max_question_chars: int = 100_000
     # Start expanding a point as soon as its skeleton line is complete, while the skeleton goes on.
     overlap: bool = False
-    # End a point after this many sentences (the prompts ask for 1-2); None: only at a blank line or the
-    # next point's number.
+    # End a point after this many sentences; None: as the prompt set says (`PromptSet.point_max_sentences`).
     point_max_sentences: int | None = None
 
 
@@ -598,6 +597,7 @@ class Engine:
         chunks = 0
         last: Chunk | None = None
         stopped_early = False
+        max_sentences = self.config.point_max_sentences or self.prompts.point_max_sentences
         try:
             async with asyncio.timeout(self.config.point_deadline):
                 async with contextlib.aclosing(self.backend.stream(request)) as stream:
@@ -607,9 +607,7 @@ class Engine:
                             continue
                         chunks += 1
                         text += chunk.text
-                        end = find_point_end(
-                            text, max_sentences=self.config.point_max_sentences, start=max(0, emitted - 8)
-                        )
+                        end = find_point_end(text, max_sentences=max_sentences, start=max(0, emitted - 8))
                         if end is not None:
                             text = text[:end]
                             stopped_early = True

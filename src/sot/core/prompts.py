@@ -43,6 +43,9 @@ class PromptSet(BaseModel):
     point_user: str
     point_prefill: str = "{index}. {point}:"
     point_instruction: str = ' Start your reply with "{index}. {point}:" and write only this point.'
+    # Where the point prompt asks for "1-2 sentences", the engine can hold a model to it: it ends a point
+    # after this many sentences (None: only at a blank line or where the next point starts).
+    point_max_sentences: int | None = None
 
 
 def fill(template: str, **values: str | int) -> str:
@@ -203,6 +206,8 @@ SMOLLM = PromptSet(
     skeleton_prefill="1.",
     point_user='Explain point {index}, "{point}", in 1-2 short sentences.',
     point_prefill="{index}. {point}:",
+    # The 135M model sometimes runs on; the slowest point sets SoT's latency, so hold it to its brief.
+    point_max_sentences=2,
 )
 
 CHAT = PromptSet(
