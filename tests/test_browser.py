@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from sot.bench.load import ServiceProcess, serve_command
+from sot.testing.process import ServiceProcess, serve_command
 
 pytestmark = pytest.mark.slow
 

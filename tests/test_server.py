@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from openai.types.chat import ChatCompletionMessageParam
 
-from sot.bench.load import ServiceProcess, free_port, serve_command, upstream_command
+from sot.testing.process import ServiceProcess, free_port, serve_command, upstream_command
 from upstream_helpers import async_wait_for_stats, get_stats, reset_stats, wait_for_stats
 
 KEY = "test-server-key"

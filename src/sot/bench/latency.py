@@ -10,7 +10,6 @@ answer buys, which a plain speed-up silently mixes. This module computes and ren
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -21,7 +20,7 @@ from typing import Any
 from rich.table import Table
 
 from sot.engine import Engine
-from sot.errors import InputError
+from sot.eval.dataset import load_dataset
 from sot.events import Result
 
 
@@ -68,25 +67,13 @@ class QuestionTiming:
 
 
 def load_questions(path: Path, *, only_suitable: bool = True, limit: int | None = None) -> list[dict[str, Any]]:
-    """Questions from a JSONL dataset (`question`, optional `id`, `category`, `sot_suitable`)."""
-    if not path.is_file():
-        raise InputError(f"dataset {str(path)!r} not found")
-    questions: list[dict[str, Any]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number}: not valid JSON ({exc})") from exc
-        if not isinstance(row, dict) or not isinstance(row.get("question"), str):
-            raise InputError(f"{path}:{number}: each line needs a string field 'question'")
-        if only_suitable and row.get("sot_suitable") is False:
-            continue
-        row.setdefault("id", f"q{number}")
-        row.setdefault("category", "all")
-        questions.append(row)
-    return questions[:limit] if limit else questions
+    """Questions from a JSONL dataset (the evaluation harness's format), optionally only SoT-suitable ones."""
+    rows = [
+        {"id": q.id, "category": q.category, "question": q.question}
+        for q in load_dataset(path)
+        if not (only_suitable and q.sot_suitable is False)
+    ]
+    return rows[:limit] if limit else rows
 
 
 def time_at_token(result: Result, tokens: int) -> float | None:

@@ -9,18 +9,9 @@ register a command; `sot bench` calls `run_load_check` and prints `render_load_r
 from __future__ import annotations
 
 import asyncio
-import os
-import re
-import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -28,118 +19,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-_READY = re.compile(r"listening on (http://\S+)")
-# Loopback only: never through a proxy from the environment.
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (for a process that needs its port up front)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-class ServiceProcess:
-    """A server subprocess that prints "... listening on http://HOST:PORT..." once ready, and answers /health.
-
-    `launch()` starts it and returns at once (so several can start in parallel); `wait_ready()` waits for the
-    line and a healthy /health and returns the announced URL. Output goes to a log file, shown on failure.
-    """
-
-    def __init__(self, command: Sequence[str], *, name: str = "server", startup_timeout: float = 60.0) -> None:
-        self.command = list(command)
-        self.name = name
-        self.startup_timeout = startup_timeout
-        self.url = ""  # as announced, e.g. "http://127.0.0.1:PORT" or ".../v1"
-        self.root_url = ""  # without a trailing /v1
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log = tempfile.NamedTemporaryFile(prefix=f"sot-{name}-", suffix=".log", delete=False)  # noqa: SIM115
-
-    def log_text(self) -> str:
-        return Path(self._log.name).read_text(errors="replace")
-
-    def launch(self) -> ServiceProcess:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self._proc = subprocess.Popen(
-            self.command, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-        )
-        return self
-
-    def wait_ready(self) -> str:
-        assert self._proc is not None, "launch() first"
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                log = self.log_text()
-                self.stop()
-                raise RuntimeError(f"{self.name} exited with {self._proc.returncode}:\n{log}")
-            if not self.url:
-                found = _READY.search(self.log_text())
-                if found:
-                    self.url = found.group(1)
-                    self.root_url = self.url.rstrip("/").removesuffix("/v1")
-            if self.url:
-                try:
-                    with _OPENER.open(self.root_url + "/health", timeout=2) as response:
-                        if response.status == 200:
-                            return self.url
-                except OSError:
-                    pass
-            time.sleep(0.03)
-        log = self.log_text()
-        self.stop()
-        raise RuntimeError(f"{self.name} did not become healthy within {self.startup_timeout:g} s:\n{log}")
-
-    def start(self) -> str:
-        return self.launch().wait_ready()
-
-    def terminate(self) -> None:
-        """Send SIGTERM without waiting (to stop several processes at once, then `stop()` each)."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after 5 s; removes the log."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(timeout=5)
-        self._log.close()
-        Path(self._log.name).unlink(missing_ok=True)
-
-    def __enter__(self) -> ServiceProcess:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-
-def upstream_command(port: int = 0, **options: Any) -> list[str]:
-    """`python -m sot.testing.upstream` with options as flags (`tokens_per_second=50` -> --tokens-per-second 50)."""
-    return [sys.executable, "-m", "sot.testing.upstream", "--port", str(port), *_flags(options)]
-
-
-def serve_command(port: int = 0, **options: Any) -> list[str]:
-    """`sot serve` (as `python -m sot.cli.serve`) with options as flags."""
-    return [sys.executable, "-m", "sot.cli.serve", "--port", str(port), *_flags(options)]
-
-
-def _flags(options: dict[str, Any]) -> list[str]:
-    flags: list[str] = []
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif value is not None and value is not False:
-            flags += [flag, str(value)]
-    return flags
-
+from sot.testing.process import ServiceProcess, fetch_json, free_port, serve_command, upstream_command
 
 # -- measurement ------------------------------------------------------------------------------------------
 
@@ -259,10 +139,7 @@ async def _batch(base_url: str, model: str, n: int, max_tokens: int, failures: l
 
 
 def _upstream_counters(root_url: str) -> dict[str, Any]:
-    import json
-
-    with _OPENER.open(root_url + "/stats", timeout=5) as response:
-        data: dict[str, Any] = json.load(response)
+    data: dict[str, Any] = fetch_json(root_url + "/stats")
     return data
 
 
