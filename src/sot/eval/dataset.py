@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sot.errors import InputError
 
@@ -43,10 +44,10 @@ def question_id(text: str) -> str:
     return "q-" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:10]
 
 
-def parse_dataset(lines: Iterable[str], source: str = "<dataset>") -> list[Question]:
-    """Questions from JSONL lines; raises `DatasetError` naming `source` and the line number."""
-    questions: list[Question] = []
-    seen: dict[str, int] = {}
+def json_objects(
+    lines: Iterable[str], source: str, error: type[Exception] = DatasetError
+) -> Iterator[tuple[int, str, dict[str, Any]]]:
+    """(line number, "source:line", object) for each non-blank JSONL line; `error` names the bad line."""
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -54,9 +55,17 @@ def parse_dataset(lines: Iterable[str], source: str = "<dataset>") -> list[Quest
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise DatasetError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            raise error(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(row, dict):
-            raise DatasetError(f"{where}: each line must be a JSON object, not {type(row).__name__}")
+            raise error(f"{where}: each line must be a JSON object, not {type(row).__name__}")
+        yield number, where, row
+
+
+def parse_dataset(lines: Iterable[str], source: str = "<dataset>") -> list[Question]:
+    """Questions from JSONL lines; raises `DatasetError` naming `source` and the line number."""
+    questions: list[Question] = []
+    seen: dict[str, int] = {}
+    for number, where, row in json_objects(lines, source):
         text = row.get("question")
         if not isinstance(text, str) or not text.strip():
             raise DatasetError(f"{where}: 'question' must be a non-empty string")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import time
@@ -32,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from sot.backends.base import Backend, GenerationRequest, Message, SamplingParams
 from sot.core.prompts import fill
 from sot.errors import ConfigError, SoTError
+from sot.eval.dataset import json_objects
 from sot.eval.metrics import Verdict, combine_orders, order_verdict
 from sot.eval.records import AnswerRecord, JudgementRecord, OrderJudgement, RecordFile, RecordWriter, load_records
 from sot.events import Mode
@@ -163,16 +163,7 @@ def parse_fastchat_prompts(lines: Sequence[str], name: str, source: str = "<judg
     An optional `prefill` field (ours, not FastChat's) starts the judge's reply on backends that can continue one.
     """
     prompts: dict[str, JudgePrompt] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{source}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(row, dict):
-            raise ConfigError(f"{where}: each line must be a JSON object")
+    for _, where, row in json_objects(lines, source, ConfigError):
         category, template = row.get("category"), row.get("prompt_template")
         defaults = row.get("defaults") or {}
         instruction = defaults.get("prompt", "") if isinstance(defaults, dict) else None
