@@ -486,6 +486,23 @@ async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
     return task.result()
 
 
+async def start_stream(request: Request, pump: EventPump, settings: ServerSettings) -> list[Event] | Response:
+    """Prime `pump` before any byte is sent: the primed events, or a 499 if the client left meanwhile.
+
+    A failure to start is raised as the `ApiError` the client should get; on failure or 499 the pump is
+    closed, on success the caller streams from it.
+    """
+    try:
+        primed: list[Event] = await unless_disconnected(request, prime(pump))
+        return primed
+    except ClientGone:
+        await pump.aclose()
+        return Response(status_code=499)
+    except Exception as exc:
+        await pump.aclose()
+        raise map_error(exc, settings) from exc
+
+
 async def prime(pump: EventPump) -> list[Event]:
     """Events up to the first one that needed the backend to answer, so that a failure to even start
     (bad upstream key, rate limit, unreachable) becomes a proper HTTP status instead of a broken stream."""
@@ -970,14 +987,9 @@ def create_app(source: EngineSource, settings: ServerSettings | None = None) -> 
             headers["X-SoT-Mode-Used"] = result.mode_used
             return JSONResponse(completion.model_dump(mode="json"), headers=headers)
 
-        try:
-            primed = await unless_disconnected(request, prime(pump))
-        except ClientGone:
-            await pump.aclose()
-            return Response(status_code=499)
-        except Exception as exc:
-            await pump.aclose()
-            raise map_error(exc, settings) from exc
+        primed = await start_stream(request, pump, settings)
+        if isinstance(primed, Response):
+            return primed
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
         def chunk(delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -1106,14 +1118,9 @@ def create_app(source: EngineSource, settings: ServerSettings | None = None) -> 
         )
         lease = state.gate.enter(settings)
         pump = EventPump(engine, messages, mode, lease)
-        try:
-            primed = await unless_disconnected(request, prime(pump))
-        except ClientGone:
-            await pump.aclose()
-            return Response(status_code=499)
-        except Exception as exc:
-            await pump.aclose()
-            raise map_error(exc, settings) from exc
+        primed = await start_stream(request, pump, settings)
+        if isinstance(primed, Response):
+            return primed
 
         async def events() -> AsyncIterator[bytes]:
             last: Event | None = None
