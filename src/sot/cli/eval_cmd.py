@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from sot.backends import Backend
 from sot.cli.options import backend_options, build_backend, build_engine, generation_options, handle_errors
 from sot.errors import ConfigError
 from sot.eval.dataset import load_dataset, select
 from sot.eval.judge import LLMZOO_METRICS, OVERALL, Judge, JudgeSettings, load_judge_prompts, run_judging
-from sot.eval.records import AnswerRecord, JudgementRecord, load_records
+from sot.eval.records import AnswerRecord, load_records
 from sot.eval.report import headline, write_report
 from sot.eval.runner import parse_modes, run_answers
 from sot.events import Mode
@@ -66,6 +68,50 @@ def _progress(console: Console) -> Progress:
         console=console,
         transient=False,
     )
+
+
+def _run_resumable(
+    err: Console,
+    output: Path,
+    backend: Backend,
+    *,
+    label: str,
+    unit: str,
+    saved: str,
+    describe: Callable[[Any], str],
+    work: Callable[[Callable[[int, int], None], Callable[[Any], None]], Awaitable[Any]],
+) -> Any:
+    """Run a resumable stage (answering or judging) under a progress bar; closes the backend.
+
+    `work(on_plan, on_record)` does the stage; records are saved as they come, so an interrupt loses
+    nothing and the same command resumes.
+    """
+
+    async def main() -> Any:
+        with _progress(err) as progress:
+            task = progress.add_task(label, total=None, failed=0)
+            failed = 0
+
+            def on_plan(total: int, done: int) -> None:
+                progress.update(task, total=total, completed=done)
+                if done:
+                    err.print(f"resuming: {done} of {total} {unit} already in {output}")
+
+            def on_record(record: Any) -> None:
+                nonlocal failed
+                failed += not record.ok
+                progress.update(task, advance=1, failed=failed, description=describe(record))
+
+            try:
+                return await work(on_plan, on_record)
+            finally:
+                await backend.aclose()
+
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        err.print(f"interrupted: finished {saved} are saved in {output}; run the same command to resume")
+        raise
 
 
 @click.group(name="eval", context_settings={"help_option_names": ["-h", "--help"]})
@@ -160,41 +206,26 @@ def run_cmd(
         f"{concurrency} at a time -> {output}"
     )
 
-    async def main() -> Any:
-        with _progress(err) as progress:
-            task = progress.add_task("answering", total=None, failed=0)
-            failed = 0
-
-            def on_plan(total: int, done: int) -> None:
-                progress.update(task, total=total, completed=done)
-                if done:
-                    err.print(f"resuming: {done} of {total} answer(s) already in {output}")
-
-            def on_record(record: AnswerRecord) -> None:
-                nonlocal failed
-                failed += not record.ok
-                progress.update(task, advance=1, failed=failed, description=f"{record.question_id}/{record.mode}")
-
-            try:
-                return await run_answers(
-                    engine,
-                    questions,
-                    chosen_modes,
-                    output,
-                    concurrency=concurrency,
-                    answer_timeout=answer_timeout,
-                    warmup=warmup,
-                    on_plan=on_plan,
-                    on_record=on_record,
-                )
-            finally:
-                await backend.aclose()
-
-    try:
-        summary = asyncio.run(main())
-    except KeyboardInterrupt:
-        err.print(f"interrupted: finished answers are saved in {output}; run the same command to resume")
-        raise
+    summary = _run_resumable(
+        err,
+        output,
+        backend,
+        label="answering",
+        unit="answer(s)",
+        saved="answers",
+        describe=lambda record: f"{record.question_id}/{record.mode}",
+        work=lambda on_plan, on_record: run_answers(
+            engine,
+            questions,
+            chosen_modes,
+            output,
+            concurrency=concurrency,
+            answer_timeout=answer_timeout,
+            warmup=warmup,
+            on_plan=on_plan,
+            on_record=on_record,
+        ),
+    )
     err.print(
         f"{summary.answered} answered, {len(summary.failed)} failed, {summary.already_done} already done "
         f"({summary.truncated} truncated, {summary.fallbacks} fell back to normal) in {summary.seconds:.0f} s"
@@ -306,45 +337,25 @@ def judge_cmd(
     )
     err.print(f"judge {backend.name}/{backend.model}, prompts {prompts.name}, criteria {', '.join(chosen_criteria)}")
 
-    async def main() -> Any:
-        with _progress(err) as progress:
-            task = progress.add_task("judging", total=None, failed=0)
-            failed = 0
-
-            def on_plan(total: int, done: int) -> None:
-                progress.update(task, total=total, completed=done)
-                if done:
-                    err.print(f"resuming: {done} of {total} pair(s) already in {output}")
-
-            def on_record(record: JudgementRecord) -> None:
-                nonlocal failed
-                failed += not record.ok
-                progress.update(
-                    task,
-                    advance=1,
-                    failed=failed,
-                    description=f"{record.question_id}/{record.candidate}/{record.criterion}",
-                )
-
-            try:
-                return await run_judging(
-                    judge,
-                    answers,
-                    output,
-                    candidates=chosen_candidates,
-                    criteria=chosen_criteria,
-                    concurrency=concurrency,
-                    on_plan=on_plan,
-                    on_record=on_record,
-                )
-            finally:
-                await backend.aclose()
-
-    try:
-        summary = asyncio.run(main())
-    except KeyboardInterrupt:
-        err.print(f"interrupted: finished judgements are saved in {output}; run the same command to resume")
-        raise
+    summary = _run_resumable(
+        err,
+        output,
+        backend,
+        label="judging",
+        unit="pair(s)",
+        saved="judgements",
+        describe=lambda record: f"{record.question_id}/{record.candidate}/{record.criterion}",
+        work=lambda on_plan, on_record: run_judging(
+            judge,
+            answers,
+            output,
+            candidates=chosen_candidates,
+            criteria=chosen_criteria,
+            concurrency=concurrency,
+            on_plan=on_plan,
+            on_record=on_record,
+        ),
+    )
     err.print(
         f"{summary.judged} pair(s) judged ({summary.unparsable} unparsable, {summary.identical} identical), "
         f"{len(summary.failed)} failed, {summary.already_done} already done, in {summary.seconds:.0f} s -> {output}"
