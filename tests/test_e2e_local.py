@@ -31,7 +31,8 @@ def test_sot_ask_on_the_embedded_model_gives_at_least_three_ordered_points() -> 
     assert len(result["points"]) >= 3
     assert all(p.strip() for p in result["points"])
     assert all(e.strip() for e in result["expansions"]), result["expansions"]
-    lines = result["answer"].splitlines()
+    # One numbered item per point, in order; an expansion's own extra lines are indented under its item.
+    lines = [line for line in result["answer"].splitlines() if not line.startswith("   ")]
     assert [int(re.match(r"(\d+)\. ", line).group(1)) for line in lines] == list(range(1, len(lines) + 1))
     for line, point in zip(lines, result["points"], strict=True):
         assert line.startswith(f"{lines.index(line) + 1}. {point}")

@@ -292,6 +292,31 @@ async def test_concurrent_streams_share_prefix_and_batch(backend: LocalBackend) 
 
 
 @pytest.mark.slow
+async def test_requests_arriving_together_compute_their_shared_prefix_once(backend: LocalBackend) -> None:
+    # Nothing cached: the four prompts share all but their prefills, and that shared part is new.
+    backend.clear_prefix_cache()
+    base = (*_skeleton_conversation("How can I keep my houseplants alive?"), Message("assistant", "1. Light"))
+    shared = (*base, Message("user", "Now explain each point in 1-2 short sentences."))
+    points = ["Light", "Water", "Soil", "Humidity"]
+    requests = [
+        GenerationRequest(messages=shared, prefill=f"{i}. {p}:", stop=("\n",), sampling=SamplingParams(max_tokens=8))
+        for i, p in enumerate(points, 1)
+    ]
+    before = backend.counters()
+    results = await asyncio.gather(*(collect(backend.stream(r)) for r in requests))
+    after = backend.counters()
+    usages = [last.usage for _text, last in results]
+    assert all(u is not None and u.computed_prompt_tokens is not None for u in usages)
+    full = max(u.prompt_tokens for u in usages)  # type: ignore[union-attr]
+    computed = after["prompt_tokens_computed"] - before["prompt_tokens_computed"]
+    # One request computed the whole prompt; each other one only the few tokens where it differs.
+    assert computed < full + 3 * 16, (computed, full)
+    own = sorted(u.computed_prompt_tokens for u in usages)  # type: ignore[union-attr,type-var]
+    assert own[-1] > full / 2 and all(n < 16 for n in own[:3]), own
+    assert all(text.strip() and last.finish_reason in ("stop", "length") for text, last in results)
+
+
+@pytest.mark.slow
 async def test_forked_point_matches_fresh_request_in_structure(backend: LocalBackend) -> None:
     base = _skeleton_conversation("How can I improve my time management?")
     skel_text, _ = await collect(

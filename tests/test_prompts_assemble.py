@@ -50,7 +50,12 @@ def test_point_prompts_share_their_prefix_and_differ_only_at_the_end() -> None:
             "assistant", "1. Keep a schedule\n2. Dim the lights\n3. Skip late coffee"
         )
         assert len(messages) == len(skeleton_messages) + 2
-    assert len({m[0][-1].content for m in rendered}) == 3
+    # With a prefill, the point's own text lives only there: every point shares all of its messages, so a
+    # prefix cache computes them once. Without one, the request must name its point in the user turn.
+    assert all(messages == rendered[0][0] for messages, _ in rendered)
+    instructed = {point_request(SMOLLM, CONVERSATION, POINTS, i, prefill=False)[0][-1].content for i in (1, 2, 3)}
+    assert len(instructed) == 3
+    assert all(f'"{i}. {POINTS[i - 1]}:"' in text for i, text in zip((1, 2, 3), sorted(instructed), strict=True))
 
 
 def test_multi_turn_history_reaches_both_stages() -> None:

@@ -46,11 +46,20 @@ def clean_point_text(index: int, point: str, raw: str) -> str:
 
 
 def format_point(index: int, point: str, expansion: str) -> str:
-    """One line of the answer: its number, its skeleton text, then its expansion."""
+    """One item of the answer: its number, its skeleton text, then its expansion.
+
+    An expansion that runs over several lines (a model that starts a sub-list) is indented under its
+    item, so the answer stays one numbered list instead of lines that look like points of their own.
+
+    >>> format_point(5, "Use apps", "Two kinds:\\na) Timers\\n b) Trackers")
+    '5. Use apps: Two kinds:\\n   a) Timers\\n   b) Trackers'
+    """
     if not expansion:
         return f"{index}. {point}"
     joiner = " " if point.endswith((".", ":", "?", "!")) else ": "
-    return f"{index}. {point}{joiner}{expansion}"
+    first, *rest = expansion.split("\n")
+    body = "\n".join([first, *(f"   {line.strip()}" if line.strip() else "" for line in rest)])
+    return f"{index}. {point}{joiner}{body}"
 
 
 def assemble_answer(points: Sequence[str], expansions: Sequence[str]) -> str:

@@ -161,6 +161,10 @@ class _Call:
 
 _STOP = object()
 
+# A request waits for a running one to compute their shared prefix only when that saves at least this many
+# prompt tokens: waiting costs it one step of latency.
+_MIN_SHARED_TO_WAIT = 8
+
 
 def _common_prefix(a: np.ndarray, b: list[int]) -> int:
     n = min(len(a), len(b))
@@ -471,6 +475,7 @@ class Engine:
         self._cells_used = self._book.used()
 
     def _admit(self) -> None:
+        deferred: list[_Request] = []
         while self._waiting and len(self._active) < self._max_active:
             req = self._waiting.popleft()
             if req.closed:
@@ -480,14 +485,35 @@ class Engine:
             except SoTError as exc:
                 self._deliver(req, exc if isinstance(exc, BackendError) else _as_backend_error(exc))
                 continue
+            if self._prefix_in_flight(req):
+                deferred.append(req)
+                continue
             slot = next(s for s in self._slots if s.request is None and not s.retained and not s.tokens)
             self._fork_prefix(req, slot)
             slot.request = req
             req.slot = slot
             req.admitted_step = self._step_no
             self._active.append(req)
+        self._waiting.extendleft(reversed(deferred))  # back at the front, in arrival order
+
+    def _prefix_in_flight(self, req: _Request) -> bool:
+        """Whether `req` should wait a step for a running request that is computing a longer shared prefix.
+
+        SoT's point requests arrive together and share everything up to their last few tokens. Admitted
+        together, each would compute the shared part that no cache holds yet; the first one computes it
+        while the others wait one step and then fork it, so the shared part is computed once.
+        """
+        leaders = [r for r in self._active if r.slot is not None and r.prompt_done < len(r.prompt)]
+        if not leaders:
+            return False
+        prompt = np.asarray(req.prompt, dtype=np.int32)
+        cached = max((_common_prefix(prompt, s.tokens) for s in self._slots if s.tokens), default=0)
+        pending = max(_common_prefix(prompt, r.prompt) for r in leaders)
+        return min(pending, len(req.prompt) - 1) >= cached + _MIN_SHARED_TO_WAIT
 
     def _prepare(self, req: _Request) -> None:
+        if req.text is not None:  # prepared on an earlier step, then deferred
+            return
         r = req.request
         if r.sampling.max_tokens < 1:
             raise BadRequestError("max_tokens must be at least 1", status_code=400, backend=BACKEND_NAME)
