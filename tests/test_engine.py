@@ -325,3 +325,46 @@ async def test_overlap_cancels_early_points_when_the_skeleton_is_too_short() -> 
     result = (await collect(Engine(backend, EngineConfig(overlap=True))))[-1].result
     assert result.mode_used == "normal" and "1 usable point" in (result.fallback_reason or "")
     assert backend.active == 0
+
+
+def _prose_skeleton(request: GenerationRequest) -> str:
+    """A model that writes sentences as skeleton points, continuing from whatever number the prefill ends on."""
+    if "skeleton" not in request.messages[-1].content.lower():
+        return " Explained." if point_index(request) else "Plain answer."
+    number = int(request.prefill.rsplit("\n", 1)[-1].rstrip("."))
+    lines = [f" Sentence {n} runs on and on about many things at once" for n in range(number, 7)]
+    return "\n".join(f"{n}.{line}" if n > number else line for n, line in zip(range(number, 7), lines, strict=True))
+
+
+async def test_prose_skeleton_points_are_cut_and_the_skeleton_ends_at_three() -> None:
+    backend = ScriptedBackend(_prose_skeleton)
+    events = await collect(Engine(backend, EngineConfig(skeleton_point_max_words=4)))
+    result = events[-1].result
+    assert result.mode_used == "sot"
+    assert result.points == ["Sentence 1 runs on", "Sentence 2 runs on", "Sentence 3 runs on"]
+    # Each continuation was prefilled with the skeleton so far, its last line cut, and the next number.
+    skeleton_prefills = [r.prefill for r in backend.requests if not r.stop]  # point requests stop at "\n\n"
+    # (The scripted backend streams a word with its trailing space; text already streamed is never taken back.)
+    assert skeleton_prefills == [
+        "1.",
+        "1. Sentence 1 runs on \n2.",
+        "1. Sentence 1 runs on \n2. Sentence 2 runs on \n3.",
+    ]
+    # What views were streamed is exactly the skeleton the engine used.
+    streamed = "".join(e.text for e in events if e.type == "skeleton_delta")
+    done = next(e for e in events if isinstance(e, SkeletonDone))
+    assert streamed == done.text == "1. Sentence 1 runs on \n2. Sentence 2 runs on \n3. Sentence 3 runs on "
+    assert backend.active == 0 and backend.cancelled == 3  # each cut stopped its request
+
+
+async def test_prose_skeleton_is_not_cut_without_prefill_or_when_disabled() -> None:
+    for backend, config in (
+        (ScriptedBackend(_prose_skeleton), EngineConfig(skeleton_point_max_words=None)),
+        (
+            ScriptedBackend(lambda r: _prose_skeleton(r) if r.prefill else "1. A b c d e f g h\n2. B c d e f g h i"),
+            EngineConfig(skeleton_point_max_words=4, use_prefill=False),
+        ),
+    ):
+        result = (await collect(Engine(backend, config)))[-1].result
+        assert len([r for r in backend.requests if not r.stop]) == 1  # one skeleton request
+        assert all(len(p.split()) > 4 for p in result.points)

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from sot.backends.base import Backend, Chunk, GenerationRequest, Message, SamplingParams
 from sot.core.assemble import assemble_answer, clean_point_text
 from sot.core.prompts import CHAT, SMOLLM, PromptSet, point_request, render_skeleton, skeleton_request
-from sot.core.skeleton import parse_skeleton
+from sot.core.skeleton import overlong_point, parse_skeleton
 from sot.core.stops import find_point_end, undecided_tail
 from sot.errors import (
     AuthenticationError,
@@ -57,6 +57,10 @@ class RouterLike(Protocol):
     async def decide(self, messages: Sequence[Message]) -> Any: ...
 
 
+# Where a skeleton's points run into prose, it is cut at this many points (the prompts ask for 3 to 8).
+_POINTS_BEFORE_PROSE_ENDS = 3
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Knobs of a run. Defaults suit both API models and the embedded model."""
@@ -68,6 +72,9 @@ class EngineConfig:
     min_points: int = 2
     max_point_chars: int = 120
     skeleton_max_tokens: int = 160
+    # Cut a skeleton point after this many words and start the next one (prefill-capable backends only):
+    # SmolLM2 sometimes writes sentence-long points, doubling SoT's sequential skeleton time. None: no cut.
+    skeleton_point_max_words: int | None = 8
     point_max_tokens: int = 160
     max_parallel: int = 16
     skeleton_deadline: float = 120.0
@@ -343,35 +350,67 @@ class Engine:
     async def _skeleton(
         self, messages: list[Message], clock: _Clock, tally: _Tally
     ) -> AsyncGenerator[SkeletonDelta | tuple[str, str], None]:
-        """Stream the skeleton; the last item is (full text, finish reason)."""
+        """Stream the skeleton; the last item is (full text, finish reason).
+
+        With a prefill-capable backend, a point that runs past `skeleton_point_max_words` is cut after its
+        last allowed word; while the skeleton has fewer than three points it goes on from a new request
+        prefilled with the text so far and the next number (a prefix cache makes that request cost a few
+        tokens), otherwise it ends there.
+        """
+        config = self.config
         prompt, prefill = skeleton_request(self.prompts, messages, prefill=self.use_prefill)
-        sampling = replace(self.config.sampling, max_tokens=self.config.skeleton_max_tokens)
-        request = GenerationRequest(messages=tuple(prompt), sampling=sampling, prefill=prefill)
+        max_words = config.skeleton_point_max_words if self.use_prefill else None
         text = prefill
         if prefill:
             yield SkeletonDelta(text=prefill)
-        chunks = 0
+        generated = 0
         finish = "stop"
-        last: Chunk | None = None
-        async with asyncio.timeout(self.config.skeleton_deadline):
-            async with contextlib.aclosing(self.backend.stream(request)) as stream:
-                async for chunk in stream:
-                    last = chunk
-                    if chunk.text:
+        async with asyncio.timeout(config.skeleton_deadline):
+            for _continuation in range(config.max_points + 1):
+                sampling = replace(config.sampling, max_tokens=config.skeleton_max_tokens - generated)
+                request = GenerationRequest(messages=tuple(prompt), sampling=sampling, prefill=text)
+                chunks = 0
+                last: Chunk | None = None
+                cut: tuple[int, int] | None = None
+                async with contextlib.aclosing(self.backend.stream(request)) as stream:
+                    async for chunk in stream:
+                        last = chunk
+                        if not chunk.text:
+                            continue
                         chunks += 1
                         clock.mark_token()
+                        cut = overlong_point(text + chunk.text, max_words) if max_words else None
+                        if cut is not None:
+                            # Keep what was already streamed (views have it) up to the cut, drop the rest.
+                            cut = (max(cut[0], len(text)), cut[1])
+                            text += chunk.text
+                            break
                         text += chunk.text
                         yield SkeletonDelta(text=chunk.text)
-                        if (
-                            "\n" in chunk.text
-                            and parse_skeleton(text, max_points=self.config.max_points, final=False).ended
-                        ):
+                        if "\n" in chunk.text and parse_skeleton(text, max_points=config.max_points, final=False).ended:
                             break  # the model moved on from the skeleton: stop paying for it
-        if last is not None and last.finish_reason is not None:
-            finish = last.finish_reason
-            tally.add(last, chunks)
-        else:
-            tally.add(Chunk(), chunks)
+                generated += chunks
+                tally.add(last if last is not None and last.finish_reason is not None else Chunk(), chunks)
+                if cut is None:
+                    if last is not None and last.finish_reason is not None:
+                        finish = last.finish_reason
+                    break
+                # A point that long means the model is writing prose: cut it, and end the skeleton there
+                # unless it is still too short to be one, then start the next point's number for the model.
+                # (Left to itself after a cut line, the model goes on with the sentence on the next line.)
+                end, number = cut
+                streamed = len(text) - len(last.text if last is not None else "")
+                more = (
+                    number < min(_POINTS_BEFORE_PROSE_ENDS, config.max_points)
+                    and generated < config.skeleton_max_tokens
+                )
+                marker = f"\n{number + 1}." if more else ""
+                tail = text[streamed:end] + marker
+                text = text[:end] + marker
+                if tail:
+                    yield SkeletonDelta(text=tail)
+                if not more:
+                    break
         yield (text, finish)
 
     async def _skeleton_task(

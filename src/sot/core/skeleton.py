@@ -168,3 +168,34 @@ def parse_skeleton(
             continue
         points.append(_cap(text_, max_point_chars))
     return SkeletonParse(points=tuple(points[:max_points]), ended=ended or ended_by_token)
+
+
+_OPEN_ITEM = re.compile(r"[ \t]*(\d{1,3})[.)][ \t]+")
+_WORD = re.compile(r"\S+")
+
+
+def overlong_point(text: str, max_words: int) -> tuple[int, int] | None:
+    """If the line being written is a numbered point with more than `max_words` words: (index just after its
+    `max_words`-th word, the point's number); else None.
+
+    Small models sometimes write whole sentences as skeleton points, which makes the skeleton, the slowest
+    sequential part of SoT, several times longer. A streaming caller cuts such a line here and starts the
+    next point itself.
+
+    >>> text = "1. Sleep\\n2. Quantum computing is a field that uses quantum"
+    >>> overlong_point(text, 6)
+    (45, 2)
+    >>> text[:45]
+    '1. Sleep\\n2. Quantum computing is a field that'
+    >>> overlong_point("1. Sleep well", 6) is None
+    True
+    """
+    start = text.rfind("\n") + 1
+    item = _OPEN_ITEM.match(text, start)
+    if item is None:
+        return None
+    ends = [word.end() for word in _WORD.finditer(text, item.end())]
+    if len(ends) <= max_words:
+        return None
+    return ends[max_words - 1], int(item.group(1))
+
