@@ -151,6 +151,18 @@ def test_explicit_path_is_used_as_is(tmp_path: Path) -> None:
     assert isinstance(b, Backend)
 
 
+def test_weights_choices_plan_a_copy_in_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for native_bf16, expected in ((True, "bf16"), (False, "f16")):
+        monkeypatch.setattr(model_files, "cpu_has_native_bf16", lambda native=native_bf16: native)
+        assert model_files.resolve_auto("auto") == expected
+    source, fmt, final = model_files.select_model_file(None, "q8_0", tmp_path)
+    assert fmt == "q8_0" and final.name == "SmolLM2-135M-Instruct.Q8_0.gguf"
+    assert final.parent.parent == tmp_path and source == model_files.packaged_model_path()
+    assert model_files.select_model_file(None, "q4_1", tmp_path) == (source, None, source)  # shipped as-is
+    with pytest.raises(ConfigError, match="q8_0"):
+        LocalBackend(weights="q5_0")  # type: ignore[arg-type]
+
+
 def test_cache_dir_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("SOT_CACHE_DIR", str(tmp_path))
     assert model_files.default_cache_dir() == tmp_path

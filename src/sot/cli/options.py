@@ -45,10 +45,11 @@ def backend_options(func: F) -> F:
         ),
         click.option(
             "--weights",
-            type=click.Choice(["auto", "q4_1", "f16", "bf16"]),
+            type=click.Choice(["auto", "bf16", "f16", "q8_0", "q4_1"]),
             default="auto",
             show_default=True,
-            help="Local engine: weight format (re-encoded once into a cache).",
+            help="Local engine: weight format, re-encoded once into a cache (auto: bf16 where the CPU has BF16 dot "
+            "products, else f16).",
         ),
     ]
     for option in reversed(options):

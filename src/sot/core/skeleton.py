@@ -198,4 +198,3 @@ def overlong_point(text: str, max_words: int) -> tuple[int, int] | None:
     if len(ends) <= max_words:
         return None
     return ends[max_words - 1], int(item.group(1))
-

@@ -51,8 +51,8 @@ class LocalBackend:
         cache_dir: str | os.PathLike[str] | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> None:
-        if weights not in ("auto", "q4_1", "f16", "bf16"):
-            raise ConfigError(f"unknown weights format {weights!r}; use auto, q4_1, f16 or bf16")
+        if weights not in ("auto", "bf16", "f16", "q8_0", "q4_1"):
+            raise ConfigError(f"unknown weights format {weights!r}; use auto, bf16, f16, q8_0 or q4_1")
         if n_ctx < 64:
             raise ConfigError(f"n_ctx={n_ctx} is too small")
         if max_sequences < 1:
@@ -60,7 +60,7 @@ class LocalBackend:
         cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
         source, fmt, final = select_model_file(model_path, weights, cache)
         self.model = final.stem
-        # The concrete format loaded ("q4_1", "f16", "bf16"), or None for an explicit file used as-is.
+        # The concrete format loaded ("bf16", "f16", "q8_0", "q4_1"), or None for an explicit file used as-is.
         self.weights: WeightsFormat | None = fmt if fmt is not None else (None if model_path else "q4_1")
         self.model_path = final
         self._progress = progress
