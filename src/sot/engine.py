@@ -72,8 +72,8 @@ class EngineConfig:
     min_points: int = 2
     max_point_chars: int = 120
     skeleton_max_tokens: int = 160
-    # Cut a skeleton point after this many words and start the next one (prefill-capable backends only):
-    # SmolLM2 sometimes writes sentence-long points, doubling SoT's sequential skeleton time. None: no cut.
+    # Cut a skeleton point after this many words (prefill-capable backends only): SmolLM2 sometimes writes
+    # sentence-long points, doubling SoT's sequential skeleton time. See `_skeleton`. None: no cut.
     skeleton_point_max_words: int | None = 8
     point_max_tokens: int = 160
     max_parallel: int = 16

@@ -179,8 +179,8 @@ def overlong_point(text: str, max_words: int) -> tuple[int, int] | None:
     `max_words`-th word, the point's number); else None.
 
     Small models sometimes write whole sentences as skeleton points, which makes the skeleton, the slowest
-    sequential part of SoT, several times longer. A streaming caller cuts such a line here and starts the
-    next point itself.
+    sequential part of SoT, several times longer. A streaming caller can cut such a line here, then end
+    the skeleton or start the next point itself.
 
     >>> text = "1. Sleep\\n2. Quantum computing is a field that uses quantum"
     >>> overlong_point(text, 6)
