@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sot.core.skeleton import parse_skeleton
+from sot.core.skeleton import _DANGLING, parse_skeleton
 
 CASES = [
     ("plain numbered", "1. Sleep\n2. Eat\n3. Move", ["Sleep", "Eat", "Move"]),
@@ -19,6 +19,11 @@ CASES = [
         ["Set clear goals and priorities", "Use a calendar"],
     ),
     ("duplicate numbers", "1. Sleep\n1. Eat\n1. Move", ["Sleep", "Eat", "Move"]),
+    (
+        "cut points lose dangling words",
+        "1. It processes data in many dimensions at\n2. Use the\n3. Sign in",
+        ["It processes data in many dimensions", "Use", "Sign in"],
+    ),
     ("out-of-order numbers", "1. Sleep\n3. Eat\n2. Move", ["Sleep", "Eat", "Move"]),
     ("duplicate points dropped", "1. Sleep\n2. Sleep\n3. Move", ["Sleep", "Move"]),
     ("preamble line", "Here is the skeleton:\n1. Sleep\n2. Eat", ["Sleep", "Eat"]),
@@ -75,6 +80,8 @@ point_text = (
     )
     .map(str.strip)
     .filter(lambda s: bool(s) and not s[0].isdigit())
+    # A point ending in "and", "the", "of"... was cut mid-phrase; the parser drops such words (a table case).
+    .filter(lambda s: s.split(" ")[-1].casefold().strip(",") not in _DANGLING)
 )
 
 
@@ -82,8 +89,8 @@ point_text = (
 def test_numbered_lists_round_trip(points: list[str], marker: str) -> None:
     text = "\n".join(f"{i}{marker}{p}" for i, p in enumerate(points, start=1))
     parsed = parse_skeleton(text, max_points=10, max_point_chars=1000)
-    expected = [p.rstrip(" .;,") for p in points][:10]
-    assert list(parsed.points) == [e for e in expected if e]
+    expected = [e for e in (p.rstrip(" .;,") for p in points) if e][:10]  # a point of only "," is no point
+    assert list(parsed.points) == expected
 
 
 @given(st.text(max_size=400), st.integers(1, 12), st.integers(5, 200))

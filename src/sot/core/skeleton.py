@@ -58,6 +58,32 @@ def _clean(text: str) -> str:
     return text.rstrip(" .;,").strip()
 
 
+# Words a point cannot end on: where one does, the point was cut mid-phrase (by a length cap, or by a
+# streaming caller that cut a sentence-long point), and the word only dangles.
+# fmt: off
+_DANGLING = frozenset({
+    "a", "an", "the", "and", "or", "but", "nor", "so", "that", "which", "who", "whose", "whom", "of", "to",
+    "for", "at", "with", "by", "from", "as", "than", "like", "such", "is", "are", "was", "were", "be", "can",
+    "could", "will", "would", "may", "might", "its", "their", "your", "our", "my", "his", "her", "this", "these",
+    "those", "when", "where", "while", "because", "if",
+})
+# fmt: on
+
+
+def _drop_dangling(text: str) -> str:
+    """`text` without trailing words that cannot end a phrase (at least one word is kept).
+
+    >>> _drop_dangling("It can process information in multiple dimensions at")
+    'It can process information in multiple dimensions'
+    >>> _drop_dangling("Sign in"), _drop_dangling("The")
+    ('Sign in', 'The')
+    """
+    words = text.split(" ")
+    while len(words) > 1 and words[-1].casefold().strip(",;:") in _DANGLING:
+        words.pop()
+    return " ".join(words).rstrip(" ,;:")
+
+
 def _cap(text: str, max_chars: int) -> str:
     if len(text) <= max_chars:
         return text
@@ -164,9 +190,11 @@ def parse_skeleton(
             subs = "; ".join(item.subs)
             text_ = f"{text_} ({subs})" if text_ else subs
         text_ = _clean(text_)
+        if text_:
+            text_ = _drop_dangling(_cap(text_, max_point_chars))
         if not text_ or text_.casefold() in {p.casefold() for p in points}:
             continue
-        points.append(_cap(text_, max_point_chars))
+        points.append(text_)
     return SkeletonParse(points=tuple(points[:max_points]), ended=ended or ended_by_token)
 
 
