@@ -280,6 +280,17 @@ def _categories(summary: dict[str, Any]) -> list[str]:
     return list(summary["categories"])
 
 
+def _figures(data: dict[str, Any], category: str | None) -> dict[str, Any]:
+    """One category's figures from a {"overall": ..., "by_category": ...} block (None or "overall": the
+    overall ones; {} for a category with none)."""
+    return data["overall"] if category in (None, "overall") else data["by_category"].get(category, {})
+
+
+def _bar_positions(series: int, n_series: int, n_ticks: int, width: float) -> list[float]:
+    """Where the bars of series `series` of `n_series` go, side by side around each of `n_ticks` ticks."""
+    return [k + (series - (n_series - 1) / 2) * width for k in range(n_ticks)]
+
+
 def headline(summary: dict[str, Any]) -> list[str]:
     """The few sentences a reader needs: speed-up, judged quality, routing."""
     lines: list[str] = []
@@ -365,12 +376,11 @@ def render_markdown(
         rows = []
         for cat in [*categories, None]:
             first = next(iter(summary["speedup"].values()))
-            n = (first["overall"] if cat is None else first["by_category"].get(cat, {})).get("n", 0)
+            n = _figures(first, cat).get("n", 0)
             row = ["**overall**" if cat is None else cat, str(n)]
             for c, data in summary["speedup"].items():
-                d = data["overall"] if cat is None else data["by_category"].get(cat, {})
-                e = summary["equal_length_speedup"][c]
-                e = e["overall"] if cat is None else e["by_category"].get(cat, {})
+                d = _figures(data, cat)
+                e = _figures(summary["equal_length_speedup"][c], cat)
                 row += [_x(d.get("median")), _x(d.get("geomean")), _x(e.get("geomean"))]
             rows.append(row)
         out += _table(header, rows)
@@ -390,8 +400,7 @@ def render_markdown(
         row = ["**overall**" if cat is None else cat]
         for key, stat in (("latency_seconds", "median"), ("latency_seconds", "p90"), ("completion_tokens", "mean")):
             for m in modes:
-                d = summary[key][m]
-                d = d["overall"] if cat is None else d["by_category"].get(cat, {})
+                d = _figures(summary[key][m], cat)
                 value = d.get(stat)
                 row.append(_s(value) if key == "latency_seconds" else ("–" if value is None else f"{value:.0f}"))
         rows.append(row)
@@ -591,20 +600,15 @@ def draw_charts(summary: dict[str, Any], answers: RecordFile[AnswerRecord], out_
         width = 0.8 / len(candidates)
         for i, c in enumerate(candidates):
             data = summary["speedup"][c]
-            geo = [
-                (data["by_category"].get(n, {}) if n != "overall" else data["overall"]).get("geomean") for n in names
-            ]
-            med = [(data["by_category"].get(n, {}) if n != "overall" else data["overall"]).get("median") for n in names]
-            xs = [k + (i - (len(candidates) - 1) / 2) * width for k in range(len(names))]
+            geo = [_figures(data, n).get("geomean") for n in names]
+            med = [_figures(data, n).get("median") for n in names]
+            xs = _bar_positions(i, len(candidates), len(names), width)
             ax.bar(xs, [g or 0 for g in geo], width, label=f"{LABELS[c]} geometric mean", color=_COLORS[c])
             ax.scatter(
                 xs, [m or 0 for m in med], marker="D", color="black", s=14, zorder=3, label="median" if i == 0 else None
             )
             eq_data = summary["equal_length_speedup"][c]
-            eq = [
-                (eq_data["by_category"].get(n, {}) if n != "overall" else eq_data["overall"]).get("geomean")
-                for n in names
-            ]
+            eq = [_figures(eq_data, n).get("geomean") for n in names]
             ax.scatter(
                 xs,
                 [e or 0 for e in eq],
@@ -640,7 +644,7 @@ def draw_charts(summary: dict[str, Any], answers: RecordFile[AnswerRecord], out_
         width = 0.8 / len(modes)
         for i, m in enumerate(modes):
             per_cat = [[r.seconds for r in ok if r.mode == m and r.category == c] or [float("nan")] for c in categories]
-            positions = [k + (i - (len(modes) - 1) / 2) * width for k in range(len(categories))]
+            positions = _bar_positions(i, len(modes), len(categories), width)
             b = right.boxplot(
                 per_cat,
                 positions=positions,
@@ -672,7 +676,7 @@ def draw_charts(summary: dict[str, Any], answers: RecordFile[AnswerRecord], out_
         )
         for ax, (c, data) in zip(axes[0], overall_quality.items(), strict=True):
             names = [n for n in categories if n in data["by_category"]] + ["overall"]
-            rows = [data["overall"] if n == "overall" else data["by_category"][n] for n in names]
+            rows = [_figures(data, n) for n in names]
             left_edge = [0.0] * len(names)
             for verdict in ("win", "tie", "lose"):
                 values = [(r[f"{verdict}_rate"] or 0.0) for r in rows]
@@ -694,11 +698,8 @@ def draw_charts(summary: dict[str, Any], answers: RecordFile[AnswerRecord], out_
         names = [*categories, "overall"]
         width = 0.8 / len(overall_quality)
         for i, (c, data) in enumerate(overall_quality.items()):
-            values = [
-                (data["overall"] if n == "overall" else data["by_category"].get(n, {})).get("net_win_rate")
-                for n in names
-            ]
-            xs = [k + (i - (len(overall_quality) - 1) / 2) * width for k in range(len(names))]
+            values = [_figures(data, n).get("net_win_rate") for n in names]
+            xs = _bar_positions(i, len(overall_quality), len(names), width)
             ax.bar(xs, [v or 0.0 for v in values], width, color=_COLORS[c], label=LABELS[c])
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_ylim(-1, 1)
@@ -717,7 +718,7 @@ def draw_charts(summary: dict[str, Any], answers: RecordFile[AnswerRecord], out_
         width = 0.8 / max(1, len(candidates))
         for i, c in enumerate(candidates):
             values = [summary["quality"][m].get(c, {}).get("overall", {}).get("net_win_rate") for m in metrics]
-            xs = [k + (i - (len(candidates) - 1) / 2) * width for k in range(len(metrics))]
+            xs = _bar_positions(i, len(candidates), len(metrics), width)
             ax.bar(xs, [v or 0.0 for v in values], width, color=_COLORS[c], label=LABELS[c])
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_ylim(-1, 1)
