@@ -379,13 +379,11 @@ class Engine:
                             continue
                         chunks += 1
                         clock.mark_token()
-                        cut = overlong_point(text + chunk.text, max_words) if max_words else None
+                        candidate = text + chunk.text
+                        cut = overlong_point(candidate, max_words) if max_words else None
                         if cut is not None:
-                            # Keep what was already streamed (views have it) up to the cut, drop the rest.
-                            cut = (max(cut[0], len(text)), cut[1])
-                            text += chunk.text
                             break
-                        text += chunk.text
+                        text = candidate
                         yield SkeletonDelta(text=chunk.text)
                         if "\n" in chunk.text and parse_skeleton(text, max_points=config.max_points, final=False).ended:
                             break  # the model moved on from the skeleton: stop paying for it
@@ -398,15 +396,15 @@ class Engine:
                 # A point that long means the model is writing prose: cut it, and end the skeleton there
                 # unless it is still too short to be one, then start the next point's number for the model.
                 # (Left to itself after a cut line, the model goes on with the sentence on the next line.)
-                end, number = cut
-                streamed = len(text) - len(last.text if last is not None else "")
+                # What was already streamed (`text`: views have it) stays; the rest of the chunk goes.
+                end, number = max(cut[0], len(text)), cut[1]
                 more = (
                     number < min(_POINTS_BEFORE_PROSE_ENDS, config.max_points)
                     and generated < config.skeleton_max_tokens
                 )
                 marker = f"\n{number + 1}." if more else ""
-                tail = text[streamed:end] + marker
-                text = text[:end] + marker
+                tail = candidate[len(text) : end] + marker
+                text = candidate[:end] + marker
                 if tail:
                     yield SkeletonDelta(text=tail)
                 if not more:

@@ -506,10 +506,21 @@ class Engine:
         leaders = [r for r in self._active if r.slot is not None and r.prompt_done < len(r.prompt)]
         if not leaders:
             return False
+        _slot, cached = self._longest_cached_prefix(req.prompt)
         prompt = np.asarray(req.prompt, dtype=np.int32)
-        cached = max((_common_prefix(prompt, s.tokens) for s in self._slots if s.tokens), default=0)
         pending = max(_common_prefix(prompt, r.prompt) for r in leaders)
         return min(pending, len(req.prompt) - 1) >= cached + _MIN_SHARED_TO_WAIT
+
+    def _longest_cached_prefix(self, prompt_tokens: list[int]) -> tuple[_Slot | None, int]:
+        """The sequence whose KV holds the longest prefix of `prompt_tokens`, and that prefix's length."""
+        prompt = np.asarray(prompt_tokens, dtype=np.int32)
+        best, best_len = None, 0
+        for s in self._slots:
+            if s.tokens:
+                n = _common_prefix(prompt, s.tokens)
+                if n > best_len:
+                    best, best_len = s, n
+        return best, best_len
 
     def _prepare(self, req: _Request) -> None:
         if req.text is not None:  # prepared on an earlier step, then deferred
@@ -541,14 +552,7 @@ class Engine:
         """Copy the longest cached prefix of `req`'s prompt into `slot` (KV cells are shared, not copied)."""
         import llama_cpp as ll
 
-        prompt = np.asarray(req.prompt, dtype=np.int32)
-        best, best_len = None, 0
-        for s in self._slots:
-            if s is slot or not s.tokens:
-                continue
-            n = _common_prefix(prompt, s.tokens)
-            if n > best_len:
-                best, best_len = s, n
+        best, best_len = self._longest_cached_prefix(req.prompt)  # `slot` is empty: never its own source
         # Leave at least one prompt token to decode: its logits give the first generated token.
         best_len = min(best_len, len(req.prompt) - 1)
         if best is not None and best_len > 0:
