@@ -10,10 +10,12 @@
           │    ├── AuthenticationError  401 / 403
           │    ├── RateLimitError       429 (retry_after kept when the upstream sent it)
           │    └── BadRequestError      400 / 404 / 422
-          └── BackendStreamError       the stream broke: cut without a finish reason, error object mid-stream
+          ├── BackendStreamError       the stream broke: cut without a finish reason, error object mid-stream,
+          │                            a malformed chunk, or a backend that broke the `Backend` contract
+          └── BackendCapacityError     the backend has no room for the request (the embedded engine's KV
+                                       cache is full of running work); nothing was cut to make room
 
-Retries happen in one place only (the engine retries a failed point once; the openai SDK does its own
-HTTP retries); nothing here retries.
+Retries happen in one place only: the engine's retry policy (`sot.retry`). Backends and SDKs do not retry.
 """
 
 from __future__ import annotations
@@ -81,3 +83,11 @@ class BadRequestError(BackendStatusError):
 
 class BackendStreamError(BackendError):
     """The stream broke: it ended without a finish reason, or carried an error object."""
+
+
+class BackendCapacityError(BackendError):
+    """The backend cannot hold this request now (e.g. its KV cache is full of running requests).
+
+    Running work is never ended to make room; the request that does not fit gets this error instead of a
+    made-up finish reason.
+    """
