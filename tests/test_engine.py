@@ -17,9 +17,10 @@ from sot.events import Done, ErrorEvent, Fallback, PointDelta, PointDone, PointS
 
 
 def point_index(request: GenerationRequest) -> int | None:
-    """Which point a request expands (the prefill starts with its number), or None."""
+    """Which point a request expands (its prefill is "N. <point>:"), or None."""
     head, _, rest = request.prefill.partition(".")
-    return int(head) if head.isdigit() and rest.strip() else None  # the skeleton's prefill is a bare "1."
+    # The skeleton's prefill is a bare "1."; a fallback continues the answer sent so far ("1. First idea").
+    return int(head) if head.isdigit() and rest.strip() and rest.endswith(":") else None
 
 
 async def collect(engine: Engine, question: str | list[Message] = "How can I sleep better?", mode: str = "sot"):
@@ -118,7 +119,7 @@ async def test_a_point_that_keeps_failing_falls_back() -> None:
 
     result = (await collect(Engine(ScriptedBackend(responder))))[-1].result
     assert result.mode_used == "normal"
-    assert result.fallback_reason.startswith("point 3 failed after 2 attempt(s)")
+    assert result.fallback_reason.startswith("point 3 failed after 3 attempt(s)")  # the retry policy's default
 
 
 async def test_bad_request_is_not_retried_and_raises_clearly() -> None:

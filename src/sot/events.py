@@ -24,6 +24,13 @@ class RunStarted(BaseModel):
     model: str
 
 
+class Accepted(BaseModel):
+    """The backend accepted the run's first request: the upstream answered with a success status, or the
+    embedded engine admitted it. A server decides a streamed response's HTTP status here."""
+
+    type: Literal["accepted"] = "accepted"
+
+
 class RouteDecided(BaseModel):
     """`auto` mode: the router chose a mode for this question."""
 
@@ -60,7 +67,9 @@ class PointStarted(BaseModel):
 
 
 class PointDelta(BaseModel):
-    """More raw text of point `index`'s expansion, as the model wrote it."""
+    """More of point `index`'s expansion, cleaned: a point's deltas add up to its `PointDone.text`.
+
+    A `PointStarted` with `attempt` > 1 starts the point's text again."""
 
     type: Literal["point_delta"] = "point_delta"
     index: int
@@ -82,7 +91,10 @@ class PointDone(BaseModel):
 
 
 class AnswerDelta(BaseModel):
-    """More answer text in normal decoding (including a fallback from SoT)."""
+    """More of the answer a reader sees, in every mode: all of a run's answer deltas add up to `Result.answer`.
+
+    In SoT mode that is the points in skeleton order (point 1 live, each later point once all before it are
+    done); after a fallback, normal decoding continues the text already sent."""
 
     type: Literal["answer_delta"] = "answer_delta"
     text: str
@@ -117,7 +129,8 @@ class Stats(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     computed_prompt_tokens: int | None = None
-    requests: int = 0
+    requests: int = 0  # requests sent to the backend, retries included
+    retries: int = 0
     token_times: list[float] = Field(default_factory=list)
     backend: dict[str, Any] = Field(default_factory=dict)
 
@@ -162,6 +175,7 @@ class ErrorEvent(BaseModel):
 
 Event = Annotated[
     RunStarted
+    | Accepted
     | RouteDecided
     | SkeletonDelta
     | SkeletonDone

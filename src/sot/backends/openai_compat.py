@@ -2,18 +2,22 @@
 llama.cpp's server, Ollama.
 
 The wire format (chat completions) is separate from the endpoint (base URL, key, model, extra fields),
-so one class serves them all. Retries and HTTP timeouts are the SDK's; this module only maps the SDK's
-exceptions to `sot.errors` at one boundary, keeping the upstream's message, and checks that every
-stream really finished (the SDK raises nothing for a stream cut without a finish reason).
+so one class serves them all. The SDK sends the request and checks its status; the stream's SSE is read
+raw and each chunk parsed once with orjson, without building a pydantic object per token (a proxy relays
+thousands of them a second). The SDK does not retry (`max_retries=0`): retries are the engine's one
+policy (`sot.engine.retry`). Errors are mapped to `sot.errors` at one boundary, keeping the upstream's
+message; a malformed chunk, an error object mid-stream, or a stream without a finish reason is a
+`BackendStreamError`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncGenerator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
 
 import openai
+import orjson
 
 from sot.backends.base import Chunk, GenerationRequest, Usage, collapse_messages
 from sot.errors import (
@@ -82,7 +86,7 @@ class OpenAIBackend:
         extra_body: Mapping[str, Any] | None = None,
         include_usage: bool = True,
         timeout: float = 120.0,
-        max_retries: int = 2,
+        max_retries: int = 0,
         name: str = "openai",
     ) -> None:
         if not model:
@@ -126,7 +130,7 @@ class OpenAIBackend:
             extra.setdefault("repetition_penalty", s.repeat_penalty)  # vLLM/SGLang/llama.cpp understand it
         return messages, extra
 
-    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+    def _kwargs(self, request: GenerationRequest) -> dict[str, Any]:
         messages, extra = self._body(request)
         s = request.sampling
         kwargs: dict[str, Any] = {
@@ -147,32 +151,124 @@ class OpenAIBackend:
             kwargs["stream_options"] = {"include_usage": True}
         if extra:
             kwargs["extra_body"] = extra
+        return kwargs
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+        """Stream one chat completion, parsing the raw SSE ourselves (one JSON parse per chunk, no models)."""
         finish: str | None = None
         usage: Usage | None = None
+        events = _ChunkReader(self.name)
         try:
-            stream = await self.client.chat.completions.create(**kwargs)
-            try:
-                async for event in stream:
-                    if event.usage is not None:
-                        usage = Usage(
-                            prompt_tokens=event.usage.prompt_tokens or 0,
-                            completion_tokens=event.usage.completion_tokens or 0,
-                        )
-                    if not event.choices:
+            async with self.client.chat.completions.with_streaming_response.create(**self._kwargs(request)) as response:
+                yield Chunk()  # the upstream accepted the request (its status was a success)
+                async for line in _lines_then_end(response.iter_lines()):
+                    data = events.feed(line) if line is not None else events.end()
+                    if data is None:
                         continue
-                    choice = event.choices[0]
-                    text = choice.delta.content if choice.delta else None
+                    if data is _DONE:
+                        break
+                    text, chunk_finish, chunk_usage = events.parse(data)
+                    usage = chunk_usage or usage
                     if text:
                         yield Chunk(text=text)
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
-            finally:
-                await stream.close()  # releases the connection; on early exit this cancels the upstream
+                    finish = chunk_finish or finish
         except openai.OpenAIError as exc:
             raise map_openai_error(exc, self.name) from exc
+        except BackendError:
+            raise
+        except Exception as exc:
+            if not _is_transport_error(exc):
+                raise
+            # Reading the raw body bypasses the SDK's own mapping of its HTTP library's errors.
+            raise BackendConnectionError(f"the connection to the upstream broke: {exc!r}", backend=self.name) from exc
         if finish is None:
             raise BackendStreamError("the upstream's stream ended without a finish reason", backend=self.name)
         yield Chunk(finish_reason="length" if finish == "length" else "stop", usage=usage)
 
     async def aclose(self) -> None:
         await self.client.close()
+
+
+_DONE: Any = object()
+
+
+def _is_transport_error(exc: BaseException) -> bool:
+    """Whether `exc` comes from the SDK's HTTP stack (httpx, or httpx2 in newer SDKs), whatever its version."""
+    return any(kind.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "h11") for kind in type(exc).__mro__)
+
+
+async def _lines_then_end(lines: AsyncIterator[str]) -> AsyncIterator[str | None]:
+    """The body's lines, then None once it has ended."""
+    async for line in lines:
+        yield line
+    yield None
+
+
+class _ChunkReader:
+    """Server-sent events in, chat-completion chunk payloads out; anything malformed is a `BackendStreamError`."""
+
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> Any:
+        """One line of the body; returns a parsed payload at the end of an event, `_DONE` at `[DONE]`, else None."""
+        if line.startswith("data:"):
+            data = line[5:]
+            self._data.append(data[1:] if data.startswith(" ") else data)
+            return None
+        if line == "" and self._data:
+            return self._take()
+        return None  # comments (": ping"), `event:`/`id:` fields, blank keep-alive lines
+
+    def end(self) -> Any:
+        """The body ended: an event still waiting for its blank line, if any."""
+        return self._take() if self._data else None
+
+    def _take(self) -> Any:
+        data, self._data = "\n".join(self._data), []
+        if data == "[DONE]":
+            return _DONE
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise BackendStreamError(
+                f"the upstream sent a malformed chunk: {data[:200]!r}", backend=self.backend
+            ) from None
+
+    def parse(self, payload: Any) -> tuple[str | None, str | None, Usage | None]:
+        """(text, finish reason, usage) of one chunk."""
+        if not isinstance(payload, dict):
+            raise self._shape(payload)
+        if "error" in payload:
+            error = payload["error"]
+            message = error.get("message") if isinstance(error, dict) else error
+            raise BackendStreamError(f"the upstream reported an error mid-stream: {message}", backend=self.backend)
+        usage = self._usage(payload.get("usage"))
+        choices = payload.get("choices") or []
+        if not isinstance(choices, list):
+            raise self._shape(payload)
+        if not choices:
+            return None, None, usage
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            raise self._shape(payload)
+        delta = choice.get("delta") or {}
+        text = delta.get("content") if isinstance(delta, dict) else None
+        finish = choice.get("finish_reason")
+        if (text is not None and not isinstance(text, str)) or (finish is not None and not isinstance(finish, str)):
+            raise self._shape(payload)
+        return text, finish, usage
+
+    def _usage(self, raw: Any) -> Usage | None:
+        if not isinstance(raw, dict):
+            return None
+        prompt, completion = raw.get("prompt_tokens"), raw.get("completion_tokens")
+        return Usage(
+            prompt_tokens=prompt if isinstance(prompt, int) else 0,
+            completion_tokens=completion if isinstance(completion, int) else 0,
+        )
+
+    def _shape(self, payload: Any) -> BackendStreamError:
+        text = orjson.dumps(payload).decode()[:200]
+        return BackendStreamError(f"the upstream sent a chunk of the wrong shape: {text}", backend=self.backend)

@@ -13,7 +13,7 @@ import click
 
 from sot.backends import BACKENDS, Backend, create_backend
 from sot.core.prompts import BUILTIN, PromptSet, load_prompt_set
-from sot.engine import Engine, EngineConfig, recommended_sampling
+from sot.engine import Engine, EngineConfig, RetryPolicy, recommended_sampling
 from sot.errors import ConfigError, SoTError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -81,11 +81,53 @@ def generation_options(func: F) -> F:
             help="Points expanded at once.",
         ),
         click.option(
+            "--skeleton-deadline",
+            type=click.FloatRange(0.1),
+            default=EngineConfig.skeleton_deadline,
+            show_default=True,
+            help="Seconds allowed for the skeleton.",
+        ),
+        click.option(
             "--point-deadline",
             type=click.FloatRange(0.1),
-            default=120.0,
+            default=EngineConfig.point_deadline,
             show_default=True,
-            help="Seconds allowed per point.",
+            help="Seconds allowed per point, its retries included.",
+        ),
+        click.option(
+            "--normal-deadline",
+            type=click.FloatRange(0.1),
+            default=EngineConfig.normal_deadline,
+            show_default=True,
+            help="Seconds allowed for a normal answer (also SoT's fallback).",
+        ),
+        click.option(
+            "--run-deadline",
+            type=click.FloatRange(0.1),
+            default=EngineConfig.run_deadline,
+            show_default=True,
+            help="Seconds allowed for the whole question.",
+        ),
+        click.option(
+            "--stall-timeout",
+            type=click.FloatRange(0.1),
+            default=EngineConfig.stall_timeout,
+            show_default=True,
+            help="End a request that sends nothing for this many seconds (the first token included).",
+        ),
+        click.option(
+            "--max-attempts",
+            type=click.IntRange(1, 10),
+            default=RetryPolicy.max_attempts,
+            show_default=True,
+            help="Attempts per request (transient errors only: connection, timeout, 408/409/429/5xx).",
+        ),
+        click.option(
+            "--retry-budget",
+            type=click.IntRange(0, 100),
+            default=RetryPolicy.budget,
+            show_default=True,
+            help="Extra requests one question may spend on retries, over all its stages.",
         ),
         click.option(
             "--overlap/--no-overlap",
@@ -154,7 +196,15 @@ def build_engine(backend: Backend, params: dict[str, Any], router: Any = None) -
         prompts=load_prompts(params.get("prompts_source")),
         max_points=params.get("max_points") or 10,
         max_parallel=params.get("max_parallel") or 16,
-        point_deadline=params.get("point_deadline") or 120.0,
+        skeleton_deadline=params.get("skeleton_deadline") or EngineConfig.skeleton_deadline,
+        point_deadline=params.get("point_deadline") or EngineConfig.point_deadline,
+        normal_deadline=params.get("normal_deadline") or EngineConfig.normal_deadline,
+        run_deadline=params.get("run_deadline") or EngineConfig.run_deadline,
+        stall_timeout=params.get("stall_timeout") or EngineConfig.stall_timeout,
+        retry=RetryPolicy(
+            max_attempts=params.get("max_attempts") or RetryPolicy.max_attempts,
+            budget=RetryPolicy.budget if params.get("retry_budget") is None else params["retry_budget"],
+        ),
         point_max_tokens=params.get("point_max_tokens") or EngineConfig.point_max_tokens,
         overlap=EngineConfig.overlap if params.get("overlap") is None else bool(params["overlap"]),
     )

@@ -46,6 +46,11 @@ class PromptSet(BaseModel):
     # Where the point prompt asks for "1-2 sentences", the engine can hold a model to it: it ends a point
     # after this many sentences (None: only at a blank line or where the next point starts).
     point_max_sentences: int | None = None
+    # When SoT gives up after part of the answer was sent, normal decoding continues that text. A backend that
+    # continues a reply gets it as a prefill; any other gets it as its own reply, then this request.
+    continue_user: str = (
+        "Your answer above was cut off. Continue it exactly where it stopped, without repeating anything."
+    )
 
 
 def fill(template: str, **values: str | int) -> str:
@@ -129,6 +134,18 @@ def point_request(
         messages.extend(conversation[:-1])
     messages.append(Message("user", user))
     return messages, (fill(prompts.point_prefill, **values) if prefill else "")
+
+
+def continuation_request(
+    prompts: PromptSet, conversation: Sequence[Message], answer_so_far: str, *, prefill: bool
+) -> tuple[list[Message], str]:
+    """Messages and prefill for a normal answer that continues `answer_so_far` (empty: a fresh answer)."""
+    messages = list(conversation)
+    if not answer_so_far or prefill:
+        return messages, answer_so_far
+    messages.append(Message("assistant", answer_so_far))
+    messages.append(Message("user", prompts.continue_user))
+    return messages, ""
 
 
 def _from_paper_format(data: dict[str, Any], name: str) -> PromptSet:
@@ -255,6 +272,7 @@ __all__ = [
     "SMOLLM",
     "PromptSet",
     "builtin_prompt_set",
+    "continuation_request",
     "fill",
     "load_prompt_set",
     "parse_prompt_set",

@@ -10,7 +10,6 @@ It does not retry; a failed routing call costs one answer its skeleton, not its 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Literal, cast
 
 from sot.backends.base import Backend, GenerationRequest, Message, SamplingParams
+from sot.engine.calls import Deadline, TextSink, call_backend
 from sot.errors import BackendError, ConfigError
 from sot.router.base import RouteDecision, RouterInput, render_request, router_input
 
@@ -115,6 +115,14 @@ def build_router_prompt(view: RouterInput, template: str = DEFAULT_ROUTER_PROMPT
     return template.replace(PLACEHOLDER, render_request(view))
 
 
+def _collect(parts: list[str]) -> TextSink:
+    def on_text(text: str) -> bool:
+        parts.append(text)
+        return False
+
+    return on_text
+
+
 class PromptingRouter:
     """Asks `backend` to classify the reply; only "A" (independent points) gets SoT."""
 
@@ -140,10 +148,13 @@ class PromptingRouter:
         )
 
     async def _ask(self, request: GenerationRequest) -> str:
+        """The model's reply, through the engine's checked call (the backend contract, a stall timeout)."""
         parts: list[str] = []
-        async with contextlib.aclosing(self.backend.stream(request)) as stream:
-            async for chunk in stream:
-                parts.append(chunk.text)
+        stall = self.timeout if self.timeout is not None else 30.0
+        deadline = Deadline.after("router timeout", stall)
+        await call_backend(
+            self.backend, request, stage="routing call", deadline=deadline, stall_timeout=stall, on_text=_collect(parts)
+        )
         return "".join(parts)
 
     async def decide(self, messages: Sequence[Message]) -> RouteDecision:
