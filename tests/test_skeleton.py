@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sot.core.skeleton import _DANGLING, parse_skeleton
+from sot.core.skeleton import _DANGLING, _drop_dangling, overlong_point, parse_skeleton
 
 CASES = [
     ("plain numbered", "1. Sleep\n2. Eat\n3. Move", ["Sleep", "Eat", "Move"]),
@@ -47,6 +47,16 @@ CASES = [
     ("nothing parsable", "I don't know.", []),
     ("empty", "", []),
     ("windows newlines", "1. Sleep\r\n2. Eat\r\n", ["Sleep", "Eat"]),
+    (
+        "whitespace inside a point is one space",
+        "1. Sleep\u2028well\t\n2. Eat\x85greens \u2029\n3. Move\x0b\x0c\u3000\n4. Rest\t \tdaily",
+        ["Sleep well", "Eat greens", "Move", "Rest daily"],
+    ),
+    (
+        "dangling word before a colon or semicolon",
+        "1. Plan ahead with the :\n2. Sleep well for the;\n3. Use the: timer",
+        ["Plan ahead", "Sleep well", "Use the: timer"],
+    ),
 ]
 
 
@@ -60,6 +70,23 @@ def test_point_cap_and_ended() -> None:
     parsed = parse_skeleton(text, max_points=10)
     assert len(parsed.points) == 10
     assert parsed.ended
+
+
+def test_point_cap_counts_points_filled_from_the_next_line() -> None:
+    text = "".join(f"{i}.\nTip {i}\n" for i in range(1, 16))
+    parsed = parse_skeleton(text, max_points=10)
+    assert parsed.points == tuple(f"Tip {i}" for i in range(1, 11))
+    assert parsed.ended
+    # Streaming: not over while the 10th point may still grow, over once an 11th marker arrives.
+    assert not parse_skeleton(text[: text.index("11.")], final=False).ended
+    assert parse_skeleton(text[: text.index("11.") + 4], final=False).ended
+
+
+def test_a_cap_counts_distinct_points_only() -> None:
+    text = "1. Sleep\n  well\n2. Sleep well\n3. Eat\n4. Move"
+    parsed = parse_skeleton(text, max_points=3)
+    assert parsed.points == ("Sleep well", "Eat", "Move")
+    assert not parsed.ended
 
 
 def test_point_length_cap_cuts_at_a_word() -> None:
@@ -89,7 +116,8 @@ point_text = (
 def test_numbered_lists_round_trip(points: list[str], marker: str) -> None:
     text = "\n".join(f"{i}{marker}{p}" for i, p in enumerate(points, start=1))
     parsed = parse_skeleton(text, max_points=10, max_point_chars=1000)
-    expected = [e for e in (p.rstrip(" .;,") for p in points) if e][:10]  # a point of only "," is no point
+    # Runs of spaces inside a point become one; a point of only "," is no point.
+    expected = [e for e in (" ".join(p.split()).rstrip(" .;,") for p in points) if e][:10]
     assert list(parsed.points) == expected
 
 
@@ -100,3 +128,28 @@ def test_caps_hold_for_any_text(text: str, max_points: int, max_chars: int) -> N
     assert all(0 < len(p) <= max_chars for p in parsed.points)
     assert len({p.casefold() for p in parsed.points}) == len(parsed.points)
     assert all("\n" not in p for p in parsed.points)
+
+
+@given(
+    st.text(alphabet=st.sampled_from(list("ab1.)-*:; \t\n\r\x0b\x0c\x85\u2028\u2029\u3000")), max_size=200),
+    st.booleans(),
+)
+def test_points_are_single_lines_without_edge_whitespace(text: str, final: bool) -> None:
+    for point in parse_skeleton(text, final=final).points:
+        assert point == point.strip()
+        assert point.split() == point.split(" ")  # whitespace inside is single plain spaces
+        assert not point.endswith((":", ";", ","))
+
+
+def test_dangling_words_go_with_the_punctuation_before_them() -> None:
+    assert _drop_dangling("Plan ahead with the ;") == "Plan ahead"
+    assert _drop_dangling("Eat greens: the") == "Eat greens"
+    assert _drop_dangling("The :") == "The"
+
+
+def test_overlong_point() -> None:
+    text = "1. Sleep\n2. Quantum computing is a field that uses quantum"
+    assert overlong_point(text, 6) == (45, 2)
+    assert overlong_point(text, 9) is None
+    assert overlong_point(text, 0) is None  # no limit
+    assert overlong_point("1. " + "word " * 5000, 8) == (len("1. " + "word " * 8) - 1, 1)
