@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from sot.backends.base import Message
-from sot.core.assemble import assemble_answer, clean_point_text
+from sot.core.assemble import assemble_answer, clean_point_text, format_point
+from sot.core.live import LivePoint
 from sot.core.prompts import CHAT, SMOLLM, fill, parse_prompt_set, point_request, skeleton_request
-from sot.core.stops import find_point_end, undecided_tail
+from sot.core.stops import StopHoldback, find_point_end, undecided_tail
 from sot.errors import ConfigError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -98,6 +99,11 @@ def test_own_format_file_and_bad_files() -> None:
         ("dim the lights - Use lamps.", "Use lamps."),
         ("Use lamps.\n3. Skip late coffee: no", "Use lamps."),
         ("", ""),
+        ("\t2) **Dim the lights** — Use lamps.\t\u2028", "Use lamps."),
+        ("Use lamps.\x85\x0b\x0c\u2029 \t", "Use lamps."),
+        ("Use lamps.\n  \n\t 3. Skip late coffee", "Use lamps."),
+        ("\r\n2.\r\n3. Skip late coffee", ""),
+        ("Use lamps. Costs 3.5 dollars.\n3.5 million", "Use lamps. Costs 3.5 dollars.\n3.5 million"),
     ],
 )
 def test_clean_point_text_removes_echoed_prefix(raw: str, expected: str) -> None:
@@ -130,3 +136,102 @@ def test_point_end(text: str, max_sentences: int | None, expected: str | None) -
 def test_undecided_tail_holds_back_a_possible_next_number() -> None:
     assert undecided_tail("Keep a routine.\n3") == len("Keep a routine.")
     assert undecided_tail("Keep a routine.") == len("Keep a routine.")
+
+
+def test_sentence_end_sees_only_the_word_before_a_period() -> None:
+    # A period right after a newline ends a sentence; the old lookup read the word on the line before ("Dr").
+    assert find_point_end("See Dr\n. Then more. And", max_sentences=1) == len("See Dr\n.")
+
+
+def test_undecided_tail_holds_a_blank_line_or_a_partial_marker() -> None:
+    assert undecided_tail("Keep a routine.\n  **12") == len("Keep a routine.")
+    assert undecided_tail("Keep a routine.\n \n") == len("Keep a routine.")
+    assert undecided_tail("Keep a routine.\n12a") == len("Keep a routine.\n12a")
+
+
+def test_format_point_indents_continuation_lines() -> None:
+    assert format_point(1, "Why?", "Because.\n\n  More.") == "1. Why? Because.\n\n   More."
+
+
+# -- StopHoldback -------------------------------------------------------------------------------------------
+
+
+def feed(cutter: StopHoldback, pieces: list[str]) -> list[str]:
+    return [cutter.push(piece) for piece in pieces] + [cutter.flush()]
+
+
+def test_stop_holdback_cuts_at_a_stop_split_across_pushes() -> None:
+    cutter = StopHoldback(["</s>"])
+    assert feed(cutter, ["Hello <", "/", "s> never shown"]) == ["Hello ", "", "", ""]
+    assert cutter.stopped
+    assert cutter.push("more") == ""
+
+
+def test_stop_holdback_releases_a_tail_that_was_no_stop() -> None:
+    cutter = StopHoldback(["\n\nUser:", "###"])
+    assert feed(cutter, ["a\n", "\nUs", "ual ##", "x #"]) == ["a", "", "\n\nUsual ", "##x ", "#"]
+    assert not cutter.stopped
+
+
+def test_stop_holdback_the_earliest_stop_wins_and_empty_stops_are_ignored() -> None:
+    assert feed(StopHoldback(["", "bc", "abcd"]), ["xab", "cd"]) == ["x", "", ""]
+    assert feed(StopHoldback(["abcd", "bx"]), ["xab", "xcd"]) == ["x", "a", ""]
+    assert feed(StopHoldback(["", ""]), ["a", "b"]) == ["a", "b", ""]
+    assert feed(StopHoldback([]), ["a"]) == ["a", ""]
+
+
+def test_stop_holdback_holds_the_longest_possible_start() -> None:
+    cutter = StopHoldback(["aab"])
+    assert feed(cutter, ["xaa", "aab", "c"]) == ["x", "aa", "", ""]
+
+
+# -- LivePoint ----------------------------------------------------------------------------------------------
+
+
+def stream(point: str, pieces: list[str], index: int = 2) -> list[str]:
+    live = LivePoint(index, point)
+    return [live.push(piece) for piece in pieces] + [live.flush()]
+
+
+def test_live_point_shows_text_as_soon_as_it_is_certain() -> None:
+    shown = stream("Eat greens", [" Leafy vegetables help with digestion and", " keep you full.", ""])
+    assert shown == ["Leafy vegetables help with digestion and", " keep you full.", "", ""]
+
+
+def test_live_point_holds_a_possible_echo_then_drops_it() -> None:
+    pieces = ["2", ". **Eat", " Greens", "**", " —", " Leafy", " vegetables", "."]
+    shown = stream("Eat greens", pieces)
+    assert "".join(shown) == "Leafy vegetables."
+    assert shown[:5] == ["", "", "", "", ""]
+    assert shown[5] == "Leafy"
+
+
+def test_live_point_holds_trailing_whitespace_and_a_possible_next_point() -> None:
+    shown = stream("Sleep", ["Aim for 8 hours. ", "\t", "\n", "3", ".", " Eat", " more"])
+    assert shown == ["Aim for 8 hours.", "", "", "", "", "", "", ""]
+    shown = stream("Sleep", ["Aim for 8 hours.", "\n", "3", "0 minutes", " of reading."])
+    assert "".join(shown) == "Aim for 8 hours.\n30 minutes of reading."
+    assert shown[3] == "\n30 minutes"
+
+
+def test_live_point_joins_a_crlf_split_across_pushes() -> None:
+    pieces = ["Line one.\r", "\nLine two.\r", "\r\n", "4) next"]
+    assert "".join(stream("Sleep", pieces)) == clean_point_text(2, "Sleep", "".join(pieces)) == "Line one.\nLine two."
+
+
+def test_live_point_text_is_final_once_the_next_point_starts() -> None:
+    live = LivePoint(1, "Sleep")
+    assert live.push("Rest.\n2. Eat") == "Rest."
+    assert live.done
+    assert live.push(" more") == live.flush() == ""
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["", "   ", "2.", "2. Dim the lights", "**Dim the lights**:", "Dim", "dim the lights - Use lamps.\r\n", "\n1. x"],
+)
+def test_live_point_equals_clean_point_text_for_every_split(raw: str) -> None:
+    expected = clean_point_text(2, "Dim the lights", raw)
+    for size in (1, 2, 3, 5):
+        pieces = [raw[i : i + size] for i in range(0, len(raw), size)]
+        assert "".join(stream("Dim the lights", pieces)) == expected
