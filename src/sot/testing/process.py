@@ -63,7 +63,8 @@ class ServiceProcess:
         return self
 
     def wait_ready(self) -> str:
-        assert self._proc is not None, "launch() first"
+        if self._proc is None:
+            raise RuntimeError("launch() first")
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
@@ -126,12 +127,15 @@ def serve_command(port: int = 0, **options: Any) -> list[str]:
 
 
 def cli_flags(options: dict[str, Any]) -> list[str]:
-    """{"tokens_per_second": 50, "access_log": True} -> ["--tokens-per-second", "50", "--access-log"]."""
+    """{"tokens_per_second": 50, "access_log": True, "record_headers": ["a", "b"]} ->
+    ["--tokens-per-second", "50", "--access-log", "--record-headers", "a,b"] (lists and tuples: comma-joined)."""
     flags: list[str] = []
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         if value is True:
             flags.append(flag)
+        elif isinstance(value, list | tuple):
+            flags += [flag, ",".join(str(v) for v in value)]
         elif value is not None and value is not False:
             flags += [flag, str(value)]
     return flags
