@@ -369,3 +369,43 @@ async def test_prose_skeleton_is_not_cut_without_prefill_or_when_disabled() -> N
         result = (await collect(Engine(backend, config)))[-1].result
         assert len([r for r in backend.requests if not r.stop]) == 1  # one skeleton request
         assert all(len(p.split()) > 4 for p in result.points)
+
+
+# -- the streaming engine against the non-streaming reference ----------------------------------------------
+
+
+def _varied_responder(request: GenerationRequest) -> str:
+    """Skeletons and points of different shapes: echoes, markup, wrapped lines, a next point, a blank line."""
+    last = request.messages[-1].content
+    if "skeleton" in last.lower():
+        body = "1. Keep a **routine**\n2. Limit caffeine\n   after noon\n3. Dark, cool room\n- not a point\n\n"
+        return body[len(request.prefill) :] if body.startswith(request.prefill) else body
+    index = point_index(request)
+    shapes = {
+        1: " Go to bed at the same time.\n2. Limit caffeine: this is the next point",
+        2: " Coffee late in the day   keeps you up.\n\nUnrelated chatter.",
+        3: " 3. Dark, cool room: Darkness helps\nmelatonin. A cool room helps too. More text.",
+    }
+    return shapes.get(index or 0, "A plain answer.")
+
+
+@pytest.mark.parametrize("prefill", [True, False])
+@pytest.mark.parametrize("responder", [default_responder, _varied_responder])
+async def test_the_streaming_engine_answers_as_the_reference_does(prefill: bool, responder) -> None:  # type: ignore[no-untyped-def]
+    from sot.engine.reference import answer_with_sot
+
+    backend = ScriptedBackend(responder, supports_prefill=prefill)
+    engine = Engine(backend)
+    events = await collect(engine)
+    result = events[-1].result
+    reference = await answer_with_sot(
+        backend, [Message("user", "How can I sleep better?")], engine.prompts, engine.config, prefill=prefill
+    )
+    assert reference is not None and result.mode_used == "sot"
+    points, expansions, answer = reference
+    assert len(points) == 3
+    assert result.points == points and result.expansions == expansions and result.answer == answer
+    # Every view sees the same text: the answer deltas add up to the answer, each point's deltas to its text.
+    assert "".join(e.text for e in events if e.type == "answer_delta") == result.answer
+    for i, expansion in enumerate(expansions, start=1):
+        assert "".join(e.text for e in events if isinstance(e, PointDelta) and e.index == i) == expansion

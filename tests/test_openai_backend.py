@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import time
@@ -90,15 +91,19 @@ async def test_a_faulty_point_is_retried_into_a_complete_answer(
     result = await engine.run(QUESTION, "sot")
     await engine.backend.aclose()
     assert time.perf_counter() - started < 5.0
-    assert result.mode_used == "sot" and result.complete and result.fallback_reason is None
-    assert sorted(p.attempts for p in result.stats.points)[-1] == 2
+    assert result.complete
+    if result.mode_used == "sot":  # retried: nothing of the faulty point had reached the answer yet
+        assert result.fallback_reason is None and sorted(p.attempts for p in result.stats.points)[-1] == 2
+    else:  # the faulty point was being sent live: normal decoding continued the answer instead
+        assert result.fallback_reason is not None and result.fallback_reason.startswith("point ")
+        assert fault != "500"  # a refusal before any text is always retried
     assert (await settled(base_url))["active"] == 0
     await no_other_tasks()
 
 
-async def test_rate_limit_is_retried_by_the_sdk_honouring_retry_after(upstream_factory: Callable[..., str]) -> None:
+async def test_rate_limit_is_retried_by_the_engine_honouring_retry_after(upstream_factory: Callable[..., str]) -> None:
     base_url = upstream_factory(ttft=0.01, tokens_per_second=500, fault="429", fault_kind="point", fault_first=1)
-    engine = make_engine(base_url, max_retries=2)
+    engine = make_engine(base_url)
     started = time.perf_counter()
     result = await engine.run(QUESTION, "sot")
     await engine.backend.aclose()
@@ -116,9 +121,10 @@ async def test_points_that_keep_failing_fall_back_to_a_complete_normal_answer(
     started = time.perf_counter()
     result = await engine.run(QUESTION, "sot")
     await engine.backend.aclose()
-    assert time.perf_counter() - started < 5.0  # a deadline, one retry, then the fallback
+    assert time.perf_counter() - started < 5.0  # a deadline, the retries the budget allows, then the fallback
     assert result.mode_used == "normal" and result.complete and result.answer
-    assert result.fallback_reason is not None and "failed after 2 attempt(s)" in result.fallback_reason
+    assert result.fallback_reason is not None and re.match(r"point \d failed after \d attempt", result.fallback_reason)
+    assert result.stats.retries <= engine.config.retry.budget
     assert (await settled(base_url))["active"] == 0
     await no_other_tasks()
 

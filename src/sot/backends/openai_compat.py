@@ -12,6 +12,7 @@ message; a malformed chunk, an error object mid-stream, or a stream without a fi
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from typing import Any
@@ -161,17 +162,13 @@ class OpenAIBackend:
         try:
             async with self.client.chat.completions.with_streaming_response.create(**self._kwargs(request)) as response:
                 yield Chunk()  # the upstream accepted the request (its status was a success)
-                async for line in _lines_then_end(response.iter_lines()):
-                    data = events.feed(line) if line is not None else events.end()
-                    if data is None:
-                        continue
-                    if data is _DONE:
-                        break
-                    text, chunk_finish, chunk_usage = events.parse(data)
-                    usage = chunk_usage or usage
-                    if text:
-                        yield Chunk(text=text)
-                    finish = chunk_finish or finish
+                async with contextlib.aclosing(_payloads(response.iter_lines(), events)) as payloads:
+                    async for data in payloads:
+                        text, chunk_finish, chunk_usage = events.parse(data)
+                        usage = chunk_usage or usage
+                        if text:
+                            yield Chunk(text=text)
+                        finish = chunk_finish or finish
         except openai.OpenAIError as exc:
             raise map_openai_error(exc, self.name) from exc
         except BackendError:
@@ -197,11 +194,22 @@ def _is_transport_error(exc: BaseException) -> bool:
     return any(kind.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "h11") for kind in type(exc).__mro__)
 
 
-async def _lines_then_end(lines: AsyncIterator[str]) -> AsyncIterator[str | None]:
-    """The body's lines, then None once it has ended."""
+async def _payloads(lines: AsyncIterator[str], reader: _ChunkReader) -> AsyncGenerator[Any, None]:
+    """The parsed data of each event, up to `[DONE]` or the end of the body.
+
+    The body is read to its end even after `[DONE]` (as the SDK's own stream does): that lets the HTTP
+    library's nested generators finish instead of being left to the garbage collector.
+    """
+    done = False
     async for line in lines:
-        yield line
-    yield None
+        data = reader.feed(line)
+        if data is _DONE:
+            done = True
+        elif data is not None and not done:
+            yield data
+    data = reader.end()
+    if data is not None and data is not _DONE and not done:
+        yield data
 
 
 class _ChunkReader:
