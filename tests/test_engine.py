@@ -409,3 +409,19 @@ async def test_the_streaming_engine_answers_as_the_reference_does(prefill: bool,
     assert "".join(e.text for e in events if e.type == "answer_delta") == result.answer
     for i, expansion in enumerate(expansions, start=1):
         assert "".join(e.text for e in events if isinstance(e, PointDelta) and e.index == i) == expansion
+
+
+@pytest.mark.parametrize("budget", [1, 5, 12, 40])
+@pytest.mark.parametrize("mode", ["sot", "normal"])
+async def test_answer_max_tokens_bounds_the_whole_answer(budget: int, mode: str) -> None:
+    def responder(request: GenerationRequest) -> str:
+        if point_index(request):
+            return " A rather long explanation of this point that goes on for a while."
+        return default_responder(request) if "skeleton" in request.messages[-1].content.lower() else " word" * 30
+
+    events = await collect(Engine(ScriptedBackend(responder), EngineConfig(answer_max_tokens=budget)), mode=mode)
+    result = events[-1].result
+    assert 0 < result.stats.completion_tokens <= budget or (budget == 1 and result.stats.completion_tokens <= 1)
+    assert "".join(e.text for e in events if e.type == "answer_delta") == result.answer
+    if result.stats.completion_tokens >= budget:
+        assert not result.complete and result.finish_reason == "length"
