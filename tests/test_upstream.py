@@ -26,7 +26,7 @@ from sot.testing.upstream import (
 )
 from sot.testing.upstream_reply import Reply, stream_reply, tokens_due
 from sot.testing.upstream_wire import ChunkEncoder
-from upstream_helpers import async_get_stats, async_wait_for_stats
+from upstream_helpers import async_get_requests, async_get_stats, async_wait_for_stats
 
 try:  # the SDK's own HTTP client: httpx2 with openai>=3, httpx before
     import httpx2 as httpx
@@ -560,6 +560,8 @@ async def test_stats_records_times_headers_and_outcomes(client: openai.AsyncOpen
     )
     assert failed["headers"] == {} and failed["user"] is None and failed["completion_tokens"] == 0
     assert ok["started_monotonic"] < failed["started_monotonic"] and failed["ended_monotonic"] is not None
+    assert await async_get_requests(upstream, outcome="faulted") == [failed]
+    assert await async_get_requests(upstream, kind="full", user="alice") == [ok]
 
 
 async def test_record_headers_option(upstream_factory: Callable[..., str]) -> None:

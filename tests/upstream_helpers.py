@@ -63,9 +63,18 @@ def _root(base_url: str) -> str:
 
 def get_stats(base_url: str) -> dict[str, Any]:
     """The server's /stats: counters (started, finished, cancelled, failed, active, max_active, faulted)
-    and `requests`, the recent requests with their timestamps and status."""
+    and `requests`, a record of each recent request (see `get_requests`)."""
     stats: dict[str, Any] = fetch_json(_root(base_url) + "/stats")
     return stats
+
+
+def get_requests(base_url: str, **match: Any) -> list[dict[str, Any]]:
+    """The per-request records of /stats (oldest first, the last 500), keeping those whose fields equal `match`:
+    `get_requests(url, kind="point", outcome="cancelled")`. Fields are listed in `sot.testing.upstream`'s
+    docstring; among them `started_monotonic`/`ended_monotonic` (comparable with this process's
+    time.monotonic()), `fault`, `http_status`, `outcome`, `completion_tokens` and `headers` (lower-case names)."""
+    records: list[dict[str, Any]] = get_stats(base_url)["requests"]
+    return [r for r in records if all(r.get(key) == value for key, value in match.items())]
 
 
 def reset_stats(base_url: str) -> None:
@@ -95,6 +104,11 @@ async def async_wait_for_stats(
 ) -> dict[str, Any]:
     """`wait_for_stats` without blocking the event loop."""
     return await asyncio.to_thread(wait_for_stats, base_url, predicate, seconds)
+
+
+async def async_get_requests(base_url: str, **match: Any) -> list[dict[str, Any]]:
+    """`get_requests` without blocking the event loop."""
+    return await asyncio.to_thread(lambda: get_requests(base_url, **match))
 
 
 @pytest.fixture(scope="module")
