@@ -473,7 +473,7 @@ async def test_slow_headers_wait_for_the_first_token(client: openai.AsyncOpenAI,
             model="m",
             messages=[user(QUESTION)],
             stream=True,
-            extra_body={"sot_test": {"fault": fault, "ttft": 0.4, "tokens": 3}},
+            extra_body={"sot_test": {"fault": fault, "ttft": 0.6, "tokens": 3}},
         )
         headers_at = time.monotonic() - started  # the SDK returns a stream once the headers are in
         first_at = 0.0
@@ -485,9 +485,9 @@ async def test_slow_headers_wait_for_the_first_token(client: openai.AsyncOpenAI,
         return headers_at, first_at, pieces
 
     headers_at, first_at, pieces = await timings("none")
-    assert headers_at < 0.25 and first_at >= 0.38 and pieces == 3
+    assert headers_at < 0.3 and first_at >= 0.58 and pieces == 3
     headers_at, first_at, pieces = await timings("slow-headers")
-    assert headers_at >= 0.38 and first_at >= 0.38 and pieces == 3
+    assert headers_at >= 0.58 and first_at >= 0.58 and pieces == 3
     stats = await async_get_stats(upstream)
     assert [r["outcome"] for r in stats["requests"]] == ["completed", "faulted"]
 
@@ -684,14 +684,14 @@ async def test_a_slow_send_does_not_delay_later_tokens() -> None:
     async def send(message: Any) -> None:
         sends.append((loop.time() - reply.arrived, message.get("body", b"").count(b'"content":"w')))
         if len(sends) == 5:
-            await asyncio.sleep(0.15)  # the event loop was busy elsewhere for 15 token intervals
+            await asyncio.sleep(0.3)  # the event loop was busy elsewhere for 30 token intervals
 
     await stream_reply(reply, send)
     assert sum(n for _, n in sends) == 40 == record.completion_tokens
-    assert max(n for _, n in sends) >= 10  # the overdue tokens went out together
+    assert max(n for _, n in sends) >= 20  # the overdue tokens went out together
     last = max(t for t, n in sends if n)
-    # The last token is due at 0.02 + 39 / 100 = 0.41 s, stall or not (relative sleeps would add 0.15 s).
-    assert 0.40 <= last < 0.49
+    # The last token is due at 0.02 + 39 / 100 = 0.41 s, stall or not (relative sleeps would add 0.3 s).
+    assert 0.40 <= last < 0.65
 
 
 # --- timing and cancellation -------------------------------------------------------------------------------
