@@ -425,3 +425,17 @@ async def test_answer_max_tokens_bounds_the_whole_answer(budget: int, mode: str)
     assert "".join(e.text for e in events if e.type == "answer_delta") == result.answer
     if result.stats.completion_tokens >= budget:
         assert not result.complete and result.finish_reason == "length"
+
+
+async def test_overlap_expands_a_wrapped_point_with_its_complete_text() -> None:
+    def responder(request: GenerationRequest) -> str:
+        if "skeleton" in request.messages[-1].content.lower() and not point_index(request):
+            return " Set clear goals\n   and priorities\n2. Plan the day\n3. Take breaks\n\n"
+        return default_responder(request)
+
+    backend = ScriptedBackend(responder, token_delay=0.01)
+    result = (await collect(Engine(backend, EngineConfig(overlap=True))))[-1].result
+    assert result.points[0] == "Set clear goals and priorities"
+    first = next(r for r in backend.requests if point_index(r) == 1)
+    assert first.prefill == "1. Set clear goals and priorities:"  # not the text of the first line alone
+    assert result.stats.points[0].start < result.stats.skeleton_seconds  # and it still started early
