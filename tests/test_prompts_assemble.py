@@ -180,6 +180,16 @@ def test_stop_holdback_the_earliest_stop_wins_and_empty_stops_are_ignored() -> N
     assert feed(StopHoldback([]), ["a"]) == ["a", ""]
 
 
+def test_stop_holdback_a_longer_stop_that_began_earlier_wins_in_any_split() -> None:
+    # The whole text cuts at "<a<" (position 0), so the pieces must too, though "a" completes first.
+    assert feed(StopHoldback(["a", "<a<"]), ["<a<"]) == ["", ""]
+    assert feed(StopHoldback(["a", "<a<"]), ["<a", "<"]) == ["", "", ""]
+    assert feed(StopHoldback(["a", "<a<"]), ["<a", "b"]) == ["", "<", ""]
+    cutter = StopHoldback(["a", "<a<"])
+    assert feed(cutter, ["x<a"]) == ["x", "<"]
+    assert cutter.stopped
+
+
 def test_stop_holdback_holds_the_longest_possible_start() -> None:
     cutter = StopHoldback(["aab"])
     assert feed(cutter, ["xaa", "aab", "c"]) == ["x", "aa", "", ""]

@@ -82,7 +82,9 @@ class StopHoldback:
     `push(text)` returns what is safe to emit now: everything before the first stop string, minus a tail that
     could still be the start of one (held back until the next push decides it). `flush()` returns the held tail
     at the end of the stream ("" once a stop was hit). `stopped` tells whether a stop was hit. Empty stop strings
-    are ignored. Each push costs time linear in its text plus the held tail (shorter than the longest stop).
+    are ignored. For any split of a text into pushes, the output is the text up to the earliest occurrence of any
+    stop string, as for the whole text at once (a stop found after a longer one began is held until the longer one
+    is decided). Each push costs time linear in its text plus the held tail (shorter than the longest stop).
 
     >>> cut = StopHoldback(["</s>"])
     >>> cut.push("Hello</"), cut.push("s> more"), cut.stopped, cut.flush()
@@ -103,18 +105,28 @@ class StopHoldback:
         # A stop can only start inside the held tail or the new text: the held tail is the longest suffix of
         # everything so far that is a proper prefix of a stop, so an earlier start would have been held too.
         buffer = self._held + text
-        found = [at for at in (buffer.find(stop) for stop in self.stops) if at >= 0]
-        if found:
-            self.stopped, self._held = True, ""
-            return buffer[: min(found)]
+        first = self._first_stop(buffer)
         keep = max(_prefix_suffix(buffer, stop) for stop in self.stops)
+        if first is not None and first <= len(buffer) - keep:
+            self.stopped, self._held = True, ""
+            return buffer[:first]
         self._held = buffer[len(buffer) - keep :]
         return buffer[: len(buffer) - keep]
 
     def flush(self) -> str:
         """The held tail at the end of the stream ("" if a stop was hit)."""
         out, self._held = self._held, ""
-        return "" if self.stopped else out
+        if self.stopped:
+            return ""
+        first = self._first_stop(out)  # a stop held while a longer one that began earlier was undecided
+        if first is not None:
+            self.stopped = True
+            return out[:first]
+        return out
+
+    def _first_stop(self, text: str) -> int | None:
+        found = [at for at in (text.find(stop) for stop in self.stops) if at >= 0]
+        return min(found) if found else None
 
 
 def _prefix_suffix(text: str, stop: str) -> int:
