@@ -27,12 +27,14 @@ _STARS = re.compile(r"\**+")
 
 def skip_space(text: str, at: int) -> int:
     """Index of the first non-whitespace character of `text` at or after `at` (len(text) if none)."""
-    return _SPACE.match(text, at).end()  # type: ignore[union-attr]  # matches the empty string
+    match = _SPACE.match(text, at)
+    return match.end() if match else at
 
 
 def skip_stars(text: str, at: int) -> int:
     """Index of the first character of `text` at or after `at` that is not `*`."""
-    return _STARS.match(text, at).end()  # type: ignore[union-attr]  # matches the empty string
+    match = _STARS.match(text, at)
+    return match.end() if match else at
 
 
 def find_next_point(text: str, start: int = 0) -> int | None:

@@ -4,7 +4,8 @@ Robust where the reference implementation is not: accepts `1.` / `1)` / `-` / `*
 that wrap onto the next line, duplicate and out-of-order numbers, a preamble line, decimals such as
 `3.5 million` (never a point), and indented sub-points (folded into their parent rather than dropped).
 It stops at a runaway skeleton (a new "Question:", a list that restarts at 1, prose after a blank line)
-and caps the number of points and each point's length. It does not judge whether points are good.
+and caps the number of points and each point's length. Whitespace inside a point (tabs, Unicode line separators,
+NEL...) becomes single spaces. Linear in the text. It does not judge whether points are good.
 
 >>> parse_skeleton("Here is a plan:\\n1. Sleep well\\n2) Eat *greens*\\n   - kale\\n3. Move").points
 ('Sleep well', 'Eat greens (kale)', 'Move')
