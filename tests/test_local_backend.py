@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,9 +15,10 @@ from sot.backends.base import Backend, Chunk, GenerationRequest, Message, Sampli
 from sot.backends.local import SMOLLM2_DEFAULT_SYSTEM, ChatMLTemplate, LocalBackend, model_files
 from sot.backends.local.chat_template import ChatMLTemplate as _ChatML
 from sot.backends.local.chat_template import JinjaTemplate, template_for_model
+from sot.backends.local.kv_cells import SlotState
 from sot.backends.local.sampling import Sampler, apply_repeat_penalty, sample_top_p
 from sot.backends.local.text_stream import TextStream
-from sot.errors import BackendError, BadRequestError, ConfigError
+from sot.errors import BackendCapacityError, BackendError, BadRequestError, ConfigError
 
 # ------------------------------------------------------------------------------------------ chat template
 
@@ -204,7 +206,7 @@ def test_loads_reencoded_weights_and_gguf_template(backend: LocalBackend, progre
         assert any("Re-encoding" in m for m in progress_log)
         assert backend.model_path.is_file()
         assert not any(p.name.endswith(".tmp") for p in backend.model_path.parent.iterdir())
-    tmpl = backend._engine._template
+    tmpl = backend._scheduler._rt.template
     assert isinstance(tmpl, _ChatML) and tmpl.default_system == SMOLLM2_DEFAULT_SYSTEM
 
 
@@ -390,7 +392,7 @@ async def test_cancelled_stream_frees_its_sequence(backend: LocalBackend) -> Non
     assert "Paris" in text and last.finish_reason == "stop"
     after = backend.counters()
     assert after["cancelled"] - before.get("cancelled", 0) == 2
-    assert not backend._engine._active
+    assert not backend._scheduler._active
     # Cancelled sequences are only bounded, evictable cache now; nothing is held for them.
     backend.clear_prefix_cache()
     assert backend.kv_cells_used() == 0 and backend.kv_sequence_lengths() == {}
@@ -416,7 +418,7 @@ async def test_many_sequential_requests_do_not_grow_memory(backend: LocalBackend
         assert last.finish_reason in ("stop", "length")
     growth = _rss_bytes() - rss0
     assert growth < 16 * 1024 * 1024, f"RSS grew by {growth / 1e6:.1f} MB over 50 requests"
-    assert len([s for s in backend._engine._slots if s.retained]) <= 4
+    assert len(backend._scheduler._cells.in_state(SlotState.RETAINED)) <= 4
 
 
 @pytest.mark.slow
@@ -442,7 +444,7 @@ async def test_utf8_output_is_never_broken(backend: LocalBackend) -> None:
 
 @pytest.mark.slow
 async def test_worker_survives_an_internal_error(backend: LocalBackend, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = backend._engine
+    engine = backend._scheduler
     original = engine._sample
     calls = {"n": 0}
 
@@ -467,17 +469,20 @@ async def test_oversized_prompt_is_a_bad_request(backend: LocalBackend) -> None:
 
 
 @pytest.mark.slow
-async def test_small_context_finishes_with_length_and_close_ends_streams(tmp_path: Path) -> None:
+async def test_small_context_queues_requests_and_close_ends_streams(tmp_path: Path) -> None:
     b = LocalBackend(weights="q4_1", n_ctx=320, max_sequences=4, cache_dir=tmp_path)
     assert b.model == "SmolLM2-135M-Instruct.Q4_1"
     reqs = [
         GenerationRequest(messages=(Message("user", q),), sampling=SamplingParams(max_tokens=200))
         for q in ("Tell me about cats.", "Tell me about dogs.", "Tell me about birds.")
     ]
+    # llama.cpp rounds n_ctx up (to 512 here): two requests of ~240 cells fit at once, the third waits.
     results = await asyncio.gather(*(collect(b._stream(r, ignore_eos=True)) for r in reqs))
     assert all(last.finish_reason == "length" for _, last in results)
-    assert b.counters().get("context_full_finishes", 0) >= 1
-    assert b.kv_cells_used() <= b._engine._n_ctx  # llama.cpp rounds n_ctx up (to 512 here)
+    assert all(last.usage is not None and last.usage.completion_tokens == 200 for _, last in results)
+    counters = b.counters()
+    assert counters.get("admission_waits", 0) >= 1 and counters.get("capacity_errors", 0) == 0
+    assert b.kv_cells_used() <= b._scheduler._cells.capacity == 512
     # aclose ends an open stream with BackendError and refuses new ones.
     gen = b._stream(reqs[0], ignore_eos=True)
     await gen.__anext__()
@@ -487,6 +492,126 @@ async def test_small_context_finishes_with_length_and_close_ends_streams(tmp_pat
             pass
     with pytest.raises(BackendError):
         await collect(b.stream(FRANCE))
+
+
+# ------------------------------------------------------------------------------------------ a full KV cache
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalBackend]:
+    """The shipped weights as they are (nothing to re-encode) in a 512-cell KV cache."""
+    b = LocalBackend(weights="q4_1", n_ctx=512, max_sequences=4, cache_dir=tmp_path_factory.mktemp("small"))
+    b.load()
+    yield b
+    asyncio.run(b.aclose())
+
+
+def _long_request(k: int, max_tokens: int) -> GenerationRequest:
+    notes = " ".join(f"note {i} says the sky is blue." for i in range(25))  # ~280 tokens in all
+    return GenerationRequest(
+        messages=(Message("user", f"Request {k}. Summarise these notes: {notes}"),),
+        sampling=SamplingParams(max_tokens=max_tokens),
+    )
+
+
+SEA = GenerationRequest(
+    messages=(Message("user", "Tell me a long story about the sea."),), sampling=SamplingParams(max_tokens=150)
+)
+
+
+async def _run_and_signal(backend: LocalBackend, req: GenerationRequest, started: asyncio.Event) -> Chunk:
+    """Stream `req` to its end (ignoring end-of-turn), setting `started` once it has produced 5 chunks."""
+    n, last = 0, Chunk()
+    async for chunk in backend._stream(req, ignore_eos=True):
+        n, last = n + 1, chunk
+        if n >= 5:
+            started.set()
+    return last
+
+
+@pytest.mark.slow
+async def test_filling_the_cache_never_cuts_a_running_request(small: LocalBackend) -> None:
+    # The old engine ended the running request with "length" after ~6 tokens to make room for these.
+    small.clear_prefix_cache()
+    before = small.counters()
+    started = asyncio.Event()
+
+    async def newcomer(k: int) -> tuple[str, Chunk] | BackendCapacityError:
+        await started.wait()
+        try:
+            return await collect(small.stream(_long_request(k, max_tokens=8)))
+        except BackendCapacityError as exc:
+            return exc
+
+    runner_task = asyncio.create_task(_run_and_signal(small, SEA, started))
+    others = await asyncio.gather(*(newcomer(k) for k in range(3)))
+    runner = await runner_task
+    assert runner.finish_reason == "length"
+    assert runner.usage is not None and runner.usage.completion_tokens == 150  # its own max_tokens, in full
+    completed = [o for o in others if not isinstance(o, BaseException)]
+    assert completed, others
+    for _text, last in completed:
+        assert last.finish_reason in ("stop", "length")
+        assert last.usage is not None and last.usage.completion_tokens <= 8
+    after = small.counters()
+    assert after.get("admission_waits", 0) > before.get("admission_waits", 0)  # the cache really was full
+    assert "context_full_finishes" not in after
+    assert small.kv_cells_used() <= 512
+
+
+@pytest.mark.slow
+async def test_a_request_that_can_never_fit_is_refused_at_once(small: LocalBackend) -> None:
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(BackendCapacityError, match=r"needs \d+ KV cells .* holds only 512"):
+        await collect(small.stream(_long_request(0, max_tokens=300)))  # ~280 + 299 cells > 512
+    assert asyncio.get_running_loop().time() - t0 < 2.0
+    assert not isinstance(BackendCapacityError("x"), BadRequestError)  # a distinct error, not a 400
+
+
+@pytest.mark.slow
+async def test_a_request_waiting_too_long_gets_a_capacity_error(
+    small: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scheduler = small._scheduler
+    monkeypatch.setattr(scheduler, "config", dataclasses.replace(scheduler.config, admission_wait=0.3))
+    started = asyncio.Event()
+    runner_req = dataclasses.replace(SEA, sampling=SamplingParams(max_tokens=300))  # reserves ~340 cells
+    runner = asyncio.create_task(_run_and_signal(small, runner_req, started))
+    await started.wait()
+    with pytest.raises(BackendCapacityError, match="KV cache is full"):
+        await collect(small.stream(_long_request(1, max_tokens=8)))  # needs ~290 more
+    last = await runner
+    assert last.finish_reason == "length" and last.usage is not None and last.usage.completion_tokens == 300
+
+
+@pytest.mark.slow
+async def test_no_room_at_decode_refuses_the_newest_request_only(
+    small: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # llama.cpp finding no cell despite the book should not happen; if it does, the newest request goes.
+    small.clear_prefix_cache()
+    rt = small._scheduler._rt
+    real_decode = rt.decode
+    pressure = False
+
+    def decode(tokens: list[int], positions: list[int], seqs: list[int], wants: list[bool]) -> int:
+        if pressure and len(set(seqs)) > 1:
+            return 1
+        return real_decode(tokens, positions, seqs, wants)
+
+    monkeypatch.setattr(rt, "decode", decode)
+    before = small.counters()
+    started = asyncio.Event()
+    runner = asyncio.create_task(_run_and_signal(small, dataclasses.replace(SEA), started))
+    await started.wait()
+    pressure = True
+    with pytest.raises(BackendCapacityError, match="KV cache is full"):
+        await collect(small.stream(FRANCE))
+    last = await runner
+    assert last.finish_reason == "length" and last.usage is not None and last.usage.completion_tokens == 150
+    after = small.counters()
+    assert after["decode_no_room"] > before.get("decode_no_room", 0)
+    assert after["capacity_errors"] == before.get("capacity_errors", 0) + 1
 
 
 async def test_unloadable_model_file_is_reported(tmp_path: Path) -> None:

@@ -126,7 +126,9 @@ class KvCells:
     def shortfall(self, tokens: Sequence[int], reserve: int) -> int:
         """Cells missing to admit a sequence for `tokens` that may grow to `reserve` cells, even after evicting
         every retained sequence (0 when it fits now). Running work is never counted as evictable."""
-        src, n = self._fork_source(tokens)
+        return self._shortfall(*self._fork_source(tokens), reserve)
+
+    def _shortfall(self, src: Slot | None, n: int, reserve: int) -> int:
         newly_pinned = sum(1 for c in src.cells[:n] if c not in self._pin) if src is not None else 0
         return max(0, self.pinned + newly_pinned + self.reserved + (reserve - n) - self.capacity)
 
@@ -142,9 +144,11 @@ class KvCells:
         if reserve < len(tokens):
             raise ValueError(f"a reservation of {reserve} cells cannot hold a {len(tokens)}-token prompt")
         slot = next((s for s in self.slots if s.state is SlotState.FREE), None)
-        if slot is None or self.shortfall(tokens, reserve):
+        if slot is None:
             return None
         src, n = self._fork_source(tokens)
+        if self._shortfall(src, n, reserve):
+            return None
         slot.state = SlotState.ACTIVE
         slot.reserve = reserve
         if src is not None and n > 0:

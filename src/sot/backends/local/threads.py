@@ -89,3 +89,11 @@ class ThreadAdvisor:
             return None
         self.current = want
         return want
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
