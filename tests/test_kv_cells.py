@@ -311,7 +311,7 @@ class LlamaCache:
 
 @pytest.fixture(scope="module")
 def llama() -> Iterator[LlamaRuntime]:
-    rt = LlamaRuntime(packaged_model_path(), ContextParams(n_ctx=256, n_batch=256, n_seq=6, threads=2, flash_attn=-1))
+    rt = LlamaRuntime(packaged_model_path(), ContextParams(n_ctx=256, n_batch=256, n_seq=6, threads=1, flash_attn=-1))
     yield rt
     rt.close()
 
@@ -346,7 +346,7 @@ def test_the_scenario_matches_llama_cpp(llama: LlamaRuntime) -> None:
 
 
 @pytest.mark.slow
-@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(program=st.lists(ops, min_size=15, max_size=30))
 def test_random_programs_match_llama_cpp(llama: LlamaRuntime, program: list[Op]) -> None:
     llama.clear_memory()
