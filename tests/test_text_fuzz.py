@@ -266,14 +266,15 @@ SCALED: dict[str, Callable[[str], object]] = {
 
 @pytest.mark.parametrize("name", list(SCALED))
 def test_linear_on_adversarial_input(name: str) -> None:
+    """Under 50 ms of CPU time each (the best of 3: CPU time, as other jobs may share the machine's cores)."""
     function = SCALED[name]
     slow = {}
     for kind, text in ADVERSARIAL.items():
         best = float("inf")
         for _ in range(3):
-            began = time.perf_counter()
+            began = time.process_time()
             function(text)
-            best = min(best, time.perf_counter() - began)
+            best = min(best, time.process_time() - began)
             if best > 1:
                 break  # quadratic: no need to wait for more
         if best > 0.05:
