@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 from typing import Any
 
@@ -12,6 +13,14 @@ from sot.errors import ConfigError
 from sot.events import Mode
 
 READY_PREFIX = "sot serve listening on "
+
+
+def event_loop_and_http() -> tuple[str, str]:
+    """uvicorn's fastest event loop and HTTP parser that are installed: uvloop and httptools (uvicorn[standard]),
+    else asyncio's loop and h11, which cost more CPU per request and per streamed chunk."""
+    loop = "uvloop" if importlib.util.find_spec("uvloop") is not None else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
+    return loop, http
 
 
 def _router(name: str | None, backend: Any) -> Any:
@@ -149,8 +158,11 @@ def serve(
         f"{READY_PREFIX}http://{shown_host}:{bound_port} "
         f"(backend {backend.name}, model {backend.model}, default mode {default_mode})"
     )
+    loop, http = event_loop_and_http()
     config = uvicorn.Config(
         app,
+        loop=loop,
+        http=http,
         log_level=log_level,
         access_log=access_log,
         # Open streams are cancelled (and with them their upstream requests) shortly after a stop signal.

@@ -1,0 +1,160 @@
+"""The engine's events relayed to a client: as chat-completion chunks (the answer text in order, cut at stop
+strings, then the finish reason, `sot` and `usage`), as the engine's own event stream, or as one completion."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+from fastapi import Request
+from fastapi.responses import Response
+from sse_starlette import EventSourceResponse
+from starlette.background import BackgroundTask
+
+from sot.events import AnswerDelta, Done, ErrorEvent, Event, PointDelta, Result, SkeletonDelta
+from sot.server.answer import AnswerText, StopFilter, sot_info, usage
+from sot.server.chunks import DONE, ChunkWriter, dumps, error_message, event_message
+from sot.server.errors import map_error
+from sot.server.parsing import ChatPlan
+from sot.server.pump import ClientGone, EventPump, batches, final_result, unless_disconnected
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+class ChatRelay:
+    """Turns one stream's batches of engine events into chat-completion chunks."""
+
+    def __init__(self, writer: ChunkWriter, stops: Sequence[str], *, sot_events: bool, prompt_chars: int) -> None:
+        self.writer = writer
+        self.prompt_chars = prompt_chars
+        self.deltas = 0
+        self.text = AnswerText()
+        self.cut = StopFilter(stops)
+        self.sot_events = sot_events
+        self.result: Result | None = None
+
+    def batch(self, events: Sequence[Event]) -> bytes:
+        """The chunks for `events`: their text in one chunk (around each engine event, with `sot_events`)."""
+        out: list[bytes] = []
+        pieces: list[str] = []
+        for event in events:
+            if self.sot_events:
+                if pieces:  # keep the order of text and events
+                    out.append(self.writer.content("".join(pieces)))
+                    pieces = []
+                out.append(self.writer.engine_event(event))
+            if isinstance(event, ErrorEvent):
+                continue  # the exception follows
+            if isinstance(event, Done):
+                self.result = event.result
+                pieces.append(self.cut.push(self.text.finish(event.result)) + self.cut.flush())
+            else:
+                self.deltas += isinstance(event, AnswerDelta | PointDelta | SkeletonDelta)
+                pieces.append(self.cut.push(self.text.feed(event)))
+            if self.cut.hit:
+                break
+        text = "".join(pieces)
+        if text:
+            out.append(self.writer.content(text))
+        return b"".join(out)
+
+    def closing(self, include_usage: bool) -> bytes:
+        """The finish chunk, the usage chunk if asked for, and [DONE]."""
+        if self.result is not None:
+            reason = "stop" if self.cut.hit else self.result.finish_reason
+            tail = [self.writer.finish(reason, sot_info(self.result))]
+            counted = usage(self.result.stats.prompt_tokens, self.result.stats.completion_tokens)
+        else:  # stopped at a stop string: the engine was cancelled, so count what was read
+            tail = [self.writer.finish("stop")]
+            counted = usage(self.prompt_chars // 4, self.deltas)
+        if include_usage:
+            tail.append(self.writer.usage(counted))
+        tail.append(DONE)
+        return b"".join(tail)
+
+
+async def chat_chunks(primed: list[Event], pump: EventPump, plan: ChatPlan, retry_after: int) -> AsyncIterator[bytes]:
+    """A chat-completions stream over a primed pump, to its end (or an error object in the stream)."""
+    writer = ChunkWriter(completion_id(), int(time.time()), plan.model, include_usage=plan.include_usage)
+    prompt_chars = sum(len(m.content) for m in plan.messages)
+    relay = ChatRelay(writer, plan.stops, sot_events=plan.sot_events, prompt_chars=prompt_chars)
+    try:
+        yield writer.role()
+        async for batch in batches(primed, pump):
+            out = relay.batch(batch)
+            if out:
+                yield out
+            if relay.cut.hit:
+                break
+    except Exception as exc:
+        # Headers are out: report the failure in the stream, as OpenAI does (the SDK raises APIError).
+        yield error_message(map_error(exc, retry_after).body())
+        return
+    finally:
+        await pump.aclose()
+    yield relay.closing(plan.include_usage)
+
+
+async def engine_events(primed: list[Event], pump: EventPump, retry_after: int) -> AsyncIterator[bytes]:
+    """The engine's own events as SSE (`event: <type>`), ending with an `error` event if the run failed."""
+    last: Event | None = None
+    try:
+        async for batch in batches(primed, pump):
+            last = batch[-1]
+            yield b"".join(event_message(event) for event in batch)
+    except Exception as exc:
+        if not isinstance(last, ErrorEvent):
+            error = map_error(exc, retry_after)
+            yield event_message(ErrorEvent(error=error.message, kind=type(exc).__name__))
+    finally:
+        await pump.aclose()
+
+
+def sse_response(body: AsyncIterator[bytes], pump: EventPump, headers: dict[str, str], ping: float) -> Response:
+    """A streamed response of SSE bytes; the pump is closed however the response ends."""
+    return EventSourceResponse(
+        body,
+        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        ping=ping,
+        sep="\n",
+        background=BackgroundTask(pump.aclose),
+    )
+
+
+async def complete(request: Request, pump: EventPump, plan: ChatPlan, retry_after: int) -> Response:
+    """A non-streamed chat completion: the run's result as one JSON object (499 if the client left first)."""
+    try:
+        result: Result = await unless_disconnected(request, final_result(pump))
+    except ClientGone:
+        return Response(status_code=499)
+    except Exception as exc:
+        raise map_error(exc, retry_after) from exc
+    finally:
+        await pump.aclose()
+    answer, finish = result.answer, result.finish_reason
+    if plan.stops:
+        cut = StopFilter(plan.stops)
+        answer = cut.push(answer) + cut.flush()
+        finish = "stop" if cut.hit else finish
+    body = {
+        "id": completion_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": plan.model,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": answer, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish,
+            }
+        ],
+        "usage": usage(result.stats.prompt_tokens, result.stats.completion_tokens),
+        "sot": sot_info(result),
+    }
+    headers = {"X-SoT-Mode": plan.mode, "X-SoT-Mode-Used": result.mode_used}
+    return Response(dumps(body), media_type="application/json", headers=headers)

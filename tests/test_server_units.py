@@ -1,0 +1,94 @@
+"""The pieces of `sot serve` in-process: the SSE bytes it writes (exactly OpenAI's chunk shape, without pydantic),
+and the choice of uvicorn's event loop and HTTP parser."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from openai.types.chat import ChatCompletionChunk
+
+from sot.events import PointDelta, RunStarted
+from sot.server.chunks import ChunkWriter, dumps, event_message, sse
+
+SOT = {"mode_used": "sot", "points": ["a", "b"], "stats": {"total_seconds": 1.5}}
+USAGE = {"prompt_tokens": 7, "completion_tokens": 11, "total_tokens": 18}
+
+
+def reference_chunk(include_usage: bool, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    """A chunk as OpenAI sends it, built the plain way (the server's pre-template code did this per chunk)."""
+    out: dict[str, Any] = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": 'sot:m"odel',
+        "system_fingerprint": None,
+        "choices": choices,
+    }
+    if include_usage:
+        out["usage"] = None
+    out.update(extra)
+    return out
+
+
+def choice(delta: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
+    return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+
+
+def parse_sse(data: bytes) -> Any:
+    assert data.startswith(b"data: ") and data.endswith(b"\n\n") and data.count(b"\n") == 2
+    return json.loads(data[len(b"data: ") : -2])
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_chunks_are_openais_shape_key_for_key(include_usage: bool) -> None:
+    writer = ChunkWriter("chatcmpl-1", 1700000000, 'sot:m"odel', include_usage=include_usage)
+    event = RunStarted(mode="sot", backend="b", model="m")
+    text = 'Tab\t, quote ", newline\n, emoji 🙂, é, \u2028'
+    cases = [
+        (writer.role(), reference_chunk(include_usage, choice({"role": "assistant", "content": ""}))),
+        (writer.content(text), reference_chunk(include_usage, choice({"content": text}))),
+        (writer.finish("length"), reference_chunk(include_usage, choice({}, "length"))),
+        (writer.finish("stop", SOT), reference_chunk(include_usage, choice({}, "stop"), sot=SOT)),
+        (writer.engine_event(event), reference_chunk(include_usage, [], sot_event=event.model_dump(mode="json"))),
+    ]
+    for data, expected in cases:
+        parsed = parse_sse(data)
+        assert parsed == expected and list(parsed) == list(expected)
+        ChatCompletionChunk.model_validate(parsed)  # the SDK's own type accepts it
+    for usage in (USAGE, None):
+        last = parse_sse(writer.usage(usage))
+        assert last == {**reference_chunk(False, []), "usage": usage}
+        assert list(last) == [*reference_chunk(False, []), "usage"]
+        sdk_usage = ChatCompletionChunk.model_validate(last).usage
+        assert (sdk_usage.total_tokens if sdk_usage else None) == (usage and usage["total_tokens"])
+
+
+def test_text_with_a_lone_surrogate_is_still_sent() -> None:
+    # A model can write "\ud83d" as a JSON escape; the decoded text is then not valid UTF-8.
+    data = ChunkWriter("c", 1, "m", include_usage=False).content("broken \ud83d emoji")
+    assert parse_sse(data)["choices"][0]["delta"]["content"] == "broken \ud83d emoji"
+    assert dumps({"a": "é"}) == '{"a":"é"}'.encode()
+
+
+def test_engine_events_are_sent_as_their_own_json() -> None:
+    event = PointDelta(index=2, text='a "b"\n')
+    assert event_message(event) == b"event: point_delta\ndata: " + event.model_dump_json().encode() + b"\n\n"
+    assert sse(b"[DONE]") == b"data: [DONE]\n\n"
+
+
+def test_serve_uses_uvloop_and_httptools_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+    import importlib.util
+
+    serve = importlib.import_module("sot.cli.serve")  # `sot.cli.serve` the attribute is the click command
+
+    assert serve.event_loop_and_http() == (
+        "uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
+        "httptools" if importlib.util.find_spec("httptools") else "h11",
+    )
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert serve.event_loop_and_http() == ("uvloop", "httptools")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert serve.event_loop_and_http() == ("asyncio", "h11")
