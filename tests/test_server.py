@@ -250,6 +250,17 @@ def test_mode_choice_body_beats_header_beats_model_prefix(fleet: Fleet) -> None:
         ({"messages": QUESTION * 9}, "messages"),
         ({"messages": [{"role": "user", "content": "why? " * 900}]}, "messages"),
         ({"extra_body": {"sot_mode": "fast"}}, "sot_mode"),
+        # Validation errors name the parameter by its JSON path.
+        (
+            {"messages": [*QUESTION, {"role": "assistant", "content": "Sure."}, {"role": "user", "content": 5}]},
+            "messages[2].content",
+        ),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages[0].content[0].text"),
+        ({"stream_options": {"include_usage": "maybe"}, "stream": True}, "stream_options.include_usage"),
+        ({"stop": ["a", 3]}, "stop[1]"),
+        # An unknown mode is a 400 however it is given, the model's prefix included.
+        ({"model": "fast:scripted"}, "model"),
+        ({"model": "fast:scripted", "stream": True}, "model"),
     ],
 )
 def test_requests_the_server_cannot_honour_get_a_clear_400(fleet: Fleet, options: dict[str, Any], param: str) -> None:
@@ -279,7 +290,25 @@ def test_http_level_errors_are_error_objects(fleet: Fleet) -> None:
         assert status == expected_status, body
         assert headers["content-type"] == "application/json"
         error = json.loads(body)["error"]
-        assert error["code"] == code and error["message"]
+        assert error["code"] == code and error["message"] and error["type"] == "invalid_request_error"
+        assert error["param"] is None  # not a character offset into the body
+    assert "could not parse the JSON body" in json.loads(cases[0][0][2])["error"]["message"]
+
+
+def test_model_is_required(fleet: Fleet) -> None:
+    auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for body in ({"messages": QUESTION}, {"messages": QUESTION, "model": ""}):
+        status, _, raw = http("POST", fleet.scripted + "/chat/completions", json.dumps(body).encode(), auth)
+        error = json.loads(raw)["error"]
+        assert status == 400 and error["param"] == "model" and error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("model", ["llama3:8b", "mistral:latest", "ft:gpt-4o-mini:acme::abc123", "org/model:v1"])
+def test_model_names_with_a_colon_are_names_unless_the_prefix_is_a_word(fleet: Fleet, model: str) -> None:
+    with client(fleet.scripted) as c:
+        raw = c.chat.completions.with_raw_response.create(model=model, messages=QUESTION)
+    completion = raw.parse()
+    assert completion.model == model and raw.headers["x-sot-mode"] == "sot"  # the server's default mode
 
 
 def test_api_key_is_required_on_v1_only(fleet: Fleet) -> None:

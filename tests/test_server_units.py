@@ -1,5 +1,6 @@
 """The pieces of `sot serve` in-process: the SSE bytes it writes (exactly OpenAI's chunk shape, without pydantic),
-and the choice of uvicorn's event loop and HTTP parser."""
+the JSON paths of validation errors, the mode rule of model names, and the choice of uvicorn's event loop and
+HTTP parser."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from openai.types.chat import ChatCompletionChunk
 
 from sot.events import PointDelta, RunStarted
 from sot.server.chunks import ChunkWriter, dumps, event_message, sse
+from sot.server.errors import ApiError, json_path
+from sot.server.parsing import model_mode, resolve_mode
 
 SOT = {"mode_used": "sot", "points": ["a", "b"], "stats": {"total_seconds": 1.5}}
 USAGE = {"prompt_tokens": 7, "completion_tokens": 11, "total_tokens": 18}
@@ -76,6 +79,55 @@ def test_engine_events_are_sent_as_their_own_json() -> None:
     event = PointDelta(index=2, text='a "b"\n')
     assert event_message(event) == b"event: point_delta\ndata: " + event.model_dump_json().encode() + b"\n\n"
     assert sse(b"[DONE]") == b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize(
+    ("loc", "path"),
+    [
+        (("body", "messages", 2, "content"), "messages[2].content"),
+        (("body", "messages", 0, "content", "list[ContentPart]", 1, "text"), "messages[0].content[1].text"),
+        (("body", "messages", 0, "content", "str"), "messages[0].content"),
+        (("body", "stream_options", "include_usage"), "stream_options.include_usage"),
+        (("body", "stop", "list[str]", 3), "stop[3]"),
+        (("body", "tool_choice", "dict[str,any]"), "tool_choice"),
+        (("body",), None),
+        (("body", 32), "[32]"),
+    ],
+)
+def test_validation_errors_name_the_parameter_by_its_json_path(loc: tuple[Any, ...], path: str | None) -> None:
+    assert json_path(loc) == path
+
+
+@pytest.mark.parametrize(
+    ("model", "mode"),
+    [
+        ("sot:gpt-4o", "sot"),
+        ("NORMAL:x", "normal"),
+        ("auto", "auto"),
+        ("gpt-4o", None),
+        ("ft:gpt-4o-mini:acme::abc123", None),  # an OpenAI fine-tune
+        ("llama3:8b", None),  # Ollama names and tags
+        ("mistral:latest", None),
+        ("mistral:7b-instruct", None),
+        ("qwen2.5:0.5b", None),
+        ("org/model:v1", None),
+        ("My-Model:x", None),
+        ("deep-seek:r1", None),
+    ],
+)
+def test_model_names_with_a_colon_choose_a_mode_only_with_a_mode_prefix(model: str, mode: str | None) -> None:
+    assert model_mode(model) == mode
+    assert resolve_mode(None, None, model, "sot") == (mode or "sot")
+
+
+@pytest.mark.parametrize("model", ["fast:gpt-4o", "skeleton:m", "sott:test", "fast:"])
+def test_a_word_before_a_colon_is_a_mode_and_an_unknown_one_is_a_400(model: str) -> None:
+    with pytest.raises(ApiError) as error:
+        model_mode(model)
+    assert error.value.status == 400 and error.value.param == "model" and error.value.code == "invalid_mode"
+    # The body field and the header come first: then the model name is only a name.
+    assert resolve_mode("normal", None, model, "sot") == "normal"
+    assert resolve_mode(None, "auto", model, "sot") == "auto"
 
 
 def test_serve_uses_uvloop_and_httptools_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -105,16 +106,60 @@ def map_error(exc: BaseException, retry_after: int) -> ApiError:
 
 # -- request validation ------------------------------------------------------------------------------------
 
+# Pydantic names the member of a union it tried ("str", "list[ContentPart]", "ContentPart") in an error's
+# location; those are not part of the request's JSON, so the parameter's path leaves them out.
+_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "bytes", "none", "dict", "list"})
+
+
+def _is_union_member(part: str) -> bool:
+    return part in _TYPE_NAMES or "[" in part or part[:1].isupper()
+
+
+def json_path(loc: Sequence[int | str]) -> str | None:
+    """The request parameter an error location names, as a JSON path: ("body", "messages", 2, "content")
+    -> "messages[2].content"; None for the body as a whole."""
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _is_union_member(part):
+            path += f".{part}" if path else part
+    return path or None
+
+
+def _union_root(loc: Sequence[int | str]) -> tuple[int | str, ...]:
+    """The location up to the first union member: errors of one value's alternatives share it."""
+    for i, part in enumerate(loc):
+        if isinstance(part, str) and _is_union_member(part):
+            return tuple(loc[:i])
+    return tuple(loc)
+
 
 def validation_error(exc: RequestValidationError) -> ApiError:
-    """The 400 for a request FastAPI could not parse or validate (OpenAI answers those with 400, not 422)."""
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem(s))"
+    """The 400 for a request FastAPI could not parse or validate (OpenAI answers those with 400, not 422).
+
+    `param` is the JSON path of the first invalid value; of a union's alternatives, the one that got
+    furthest names it (`stop[1]` rather than `stop` for `"stop": ["a", 3]`).
+    """
+    errors = exc.errors() or [{"loc": (), "msg": "invalid request", "type": "invalid"}]
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        # The location is a character offset into the body, not a parameter.
+        detail = first.get("ctx", {}).get("error") or first.get("msg")
+        where = [p for p in first.get("loc", ())[1:] if isinstance(p, int)]
+        at = f" (at character {where[0]})" if where else ""
+        message = f"We could not parse the JSON body of your request: {detail}{at}."
+        return ApiError(400, message, code="invalid_value")
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") == "missing":
+        return ApiError(400, "The request has no body: send a JSON object.", code="invalid_value")
+    root = _union_root(first.get("loc", ()))
+    alternatives = [e for e in errors if _union_root(e.get("loc", ())) == root]
+    chosen = max(alternatives, key=lambda e: len(json_path(e.get("loc", ())) or ""))
+    param = json_path(chosen.get("loc", ()))
+    message = f"{param}: {chosen.get('msg')}" if param else str(chosen.get("msg"))
+    others = len({_union_root(e.get("loc", ())) for e in errors}) - 1
+    if others:
+        message += f" (and {others} more problem(s))"
     return ApiError(400, message, param=param, code="invalid_value")
 
 

@@ -65,7 +65,9 @@ class ChatCompletionRequest(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(default="", max_length=256)
+    model: str = Field(
+        min_length=1, max_length=256, description="Any name; a prefix `sot:`, `normal:` or `auto:` chooses the mode."
+    )
     messages: list[ChatMessage] = Field(min_length=1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None

@@ -3,12 +3,17 @@ server cannot honour, `max_tokens`, and the engine with the request's sampling.
 
 The mode of a request comes from, in order: `sot_mode` in the body (or `mode` on /v1/sot/stream), the
 `X-SoT-Mode` header, a mode prefix of the model name (`sot:NAME`, `normal:NAME`, `auto:NAME`, or the bare
-word), the server's default.
+word), the server's default. An unknown mode is a 400 wherever it is given. In the model name, a prefix is
+taken as an attempt at a mode when it is a single lowercase word of letters (`fast:gpt-4o`); anything else
+before a colon is part of a model name: `ft:` (OpenAI fine-tunes), names whose prefix has digits, dots,
+dashes, slashes or capitals (`llama3:8b`, `qwen2.5:7b`, `org/m:v1`), and Ollama-style tags after a name of
+letters (`mistral:latest`, `mistral:7b`: a tag that is `latest` or starts with a digit).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -39,20 +44,33 @@ class ServerSettings:
 
 # -- the mode ----------------------------------------------------------------------------------------------
 
+_MODE_ATTEMPT = re.compile(r"[a-z]+")
+_NOT_MODES = frozenset({"ft"})  # "ft:gpt-4o-mini:org::id" is an OpenAI fine-tune's name
+_OLLAMA_TAG = re.compile(r"latest|\d.*")
+
 
 def resolve_mode(body_mode: str | None, header: str | None, model: str, default: Mode) -> Mode:
     """The request's mode: `sot_mode` in the body, else the `X-SoT-Mode` header, else a model-name prefix
-    (`sot:`, `normal:`, `auto:`, or the bare word), else the server default."""
+    (`sot:`, `normal:`, `auto:`, or the bare word), else the server default (see the module's rule)."""
     if body_mode is not None:
         return _as_mode(body_mode, "sot_mode")
     if header is not None and header.strip():
         return _as_mode(header, "X-SoT-Mode")
-    prefix, sep, _ = model.partition(":")
-    if sep and prefix.strip().lower() in MODES:
-        return _as_mode(prefix, "model")
+    return model_mode(model) or default
+
+
+def model_mode(model: str) -> Mode | None:
+    """The mode a model name asks for, None if it names none; a 400 for a prefix meant as an unknown mode."""
     if model.strip().lower() in MODES:
         return _as_mode(model, "model")
-    return default
+    prefix, sep, rest = model.partition(":")
+    if not sep:
+        return None
+    if prefix.strip().lower() in MODES:
+        return _as_mode(prefix, "model")
+    if _MODE_ATTEMPT.fullmatch(prefix) and prefix not in _NOT_MODES and not _OLLAMA_TAG.fullmatch(rest):
+        raise _unknown_mode(prefix, "model")
+    return None
 
 
 def _as_mode(value: str, param: str) -> Mode:
