@@ -98,13 +98,15 @@ async def test_a_429_is_retried_no_sooner_than_its_retry_after(upstream_factory:
 
 
 class PointFaults(OpenAIBackend):
-    """Sends per-request test options: point 1 is refused (400), the other points are slow (2 s to first token)."""
+    """Per-request test options: point 1 breaks mid-stream after 0.3 s (its text already in the answer, so it is
+    not retried); the other points are slow (2 s to first token), so they are still running then."""
 
     def _kwargs(self, request: GenerationRequest) -> dict[str, Any]:
         kwargs = super()._kwargs(request)
         match = re.search(r"expand point (\d+)", request.messages[-1].content)
         if match:
-            options = {"fault": "400"} if match.group(1) == "1" else {"ttft": 2.0}
+            first = {"fault": "error-mid-stream", "fault_after": 3, "ttft": 0.3}
+            options = first if match.group(1) == "1" else {"ttft": 2.0}
             kwargs.setdefault("extra_body", {})["sot_test"] = options
         return kwargs
 
@@ -116,10 +118,10 @@ async def test_a_point_that_fails_for_good_starts_the_fallback_at_once(upstream_
     await engine.backend.aclose()
     stats = await settled(base_url)
     requests = stats["requests"]
-    refused = [r for r in requests if r["http_status"] == 400]
+    broken = [r for r in requests if r["fault"] == "error-mid-stream"]
     fallback = next(r for r in requests if r["kind"] == "full")
-    assert len(refused) == 1  # a 400 is never retried
+    assert len(broken) == 1
     assert result.mode_used == "normal" and (result.fallback_reason or "").startswith("point 1 failed")
-    assert fallback["started_monotonic"] - refused[0]["ended_monotonic"] < 0.1
-    slow = [r for r in requests if r["kind"] == "point" and r["http_status"] == 200]
+    assert fallback["started_monotonic"] - broken[0]["ended_monotonic"] < 0.1
+    slow = [r for r in requests if r["kind"] == "point" and r["fault"] is None]
     assert len(slow) == 3 and all(r["status"] == "cancelled" for r in slow)

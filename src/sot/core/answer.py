@@ -6,10 +6,12 @@ piece is sent only once it cannot be stripped); `PointsInOrder` lays SoT's point
 text sent is always a prefix of the assembled answer and never has to be taken back.
 
 >>> answer = PointsInOrder(["Sleep", "Eat greens"])
+>>> answer.start()
+'1. Sleep'
 >>> answer.add(2, "Leafy vegetables help.")
 ''
 >>> answer.add(1, "Aim for 8 hours")
-'1. Sleep: Aim for 8 hours'
+': Aim for 8 hours'
 >>> answer.point_done(1, "Aim for 8 hours.")
 '.\\n2. Eat greens: Leafy vegetables help.'
 >>> answer.point_done(2, "Leafy vegetables help.")

@@ -66,5 +66,5 @@ def check_encodable(text: str, where: str) -> None:
     except UnicodeEncodeError as exc:
         bad = text[exc.start]
         raise InputError(
-            f"{where} is not valid Unicode text: a lone surrogate {bad!r} at character {exc.start}"
+            f"{where} is not valid Unicode text: a lone surrogate {bad!r} at character {exc.start + 1}"
         ) from None

@@ -67,7 +67,7 @@ def cut_prose_point(
 
     >>> cut_prose_point("1. Quantum computing is a field that uses quantum", max_words=6, generated=9,
     ...                 max_tokens=160, max_points=10)
-    SkeletonCut(end=39, marker='\\n2.')
+    SkeletonCut(end=36, marker='\\n2.')
     """
     if not max_words:
         return None
