@@ -434,6 +434,32 @@ def test_stop_sequences_cut_the_answer(fleet: Fleet) -> None:
     expected = full[: full.index("works best")]
     assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
     assert streamed == expected
+    # Not streamed, the engine runs to its end, and its count of the whole run is the usage.
+    assert cut.usage is not None and cut.usage.completion_tokens > 0
+
+
+def test_a_stream_cut_at_a_stop_string_reports_no_usage_it_did_not_measure(fleet: Fleet) -> None:
+    with client(fleet.fast) as c:
+        full = c.chat.completions.create(model="normal:test", messages=QUESTION).choices[0].message.content
+    assert full is not None
+    reset_stats(fleet.slow_upstream)
+    with client(fleet.slow) as c:
+        content, chunks = collect_stream(
+            c.chat.completions.create(
+                model="normal:test",
+                messages=QUESTION,
+                stop="works best",
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+    assert content == full[: full.index("works best")]
+    # The stop string ended the answer long before the upstream did: the run was cancelled before the engine
+    # counted anything, so the last chunk has no usage rather than a guess.
+    assert chunks[-1].choices == [] and chunks[-1].usage is None
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    stats = wait_for_stats(fleet.slow_upstream, lambda s: s["active"] == 0)
+    assert stats["cancelled"] == 1 and stats["finished"] == 0
 
 
 async def test_upstream_failures_become_the_right_errors(fleet: Fleet) -> None:

@@ -1,6 +1,6 @@
 """The pieces of `sot serve` in-process: the SSE bytes it writes (exactly OpenAI's chunk shape, without pydantic),
-the JSON paths of validation errors, the mode rule of model names, and the choice of uvicorn's event loop and
-HTTP parser."""
+the JSON paths of validation errors, the mode rule of model names, the usage rule of a stream cut at a stop
+string, and the choice of uvicorn's event loop and HTTP parser."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 from openai.types.chat import ChatCompletionChunk
 
-from sot.events import PointDelta, RunStarted
+from sot.events import AnswerDelta, Done, PointDelta, Result, RunStarted, Stats
 from sot.server.chunks import ChunkWriter, dumps, event_message, sse
 from sot.server.errors import ApiError, json_path
 from sot.server.parsing import model_mode, resolve_mode
+from sot.server.relay import ChatRelay
 
 SOT = {"mode_used": "sot", "points": ["a", "b"], "stats": {"total_seconds": 1.5}}
 USAGE = {"prompt_tokens": 7, "completion_tokens": 11, "total_tokens": 18}
@@ -128,6 +129,58 @@ def test_a_word_before_a_colon_is_a_mode_and_an_unknown_one_is_a_400(model: str)
     # The body field and the header come first: then the model name is only a name.
     assert resolve_mode("normal", None, model, "sot") == "normal"
     assert resolve_mode(None, "auto", model, "sot") == "auto"
+
+
+def result(prompt_tokens: int, completion_tokens: int) -> Result:
+    stats = Stats(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+    answer = "Hello world. Bye"
+    return Result(
+        mode_requested="normal",
+        mode_used="normal",
+        answer=answer,
+        complete=True,
+        finish_reason="stop",
+        backend="b",
+        model="m",
+        stats=stats,
+    )
+
+
+def relayed(batches: list[list[Any]], stops: list[str]) -> tuple[str, dict[str, Any]]:
+    """The text and the usage chunk's usage of a stream of `batches`."""
+    relay = ChatRelay(ChunkWriter("c", 1, "m", include_usage=True), stops, sot_events=False)
+    out = b""
+    for batch in batches:
+        out += relay.batch(batch)
+        if relay.cut.hit:
+            break
+    out += relay.closing(include_usage=True)
+    chunks = [json.loads(part[len("data: ") :]) for part in out.decode().split("\n\n") if part and "[DONE]" not in part]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    return text, chunks[-1]
+
+
+def test_usage_is_the_engines_count_never_an_estimate() -> None:
+    deltas = [AnswerDelta(text="Hello "), AnswerDelta(text="world. "), AnswerDelta(text="Bye")]
+    done = Done(result=result(7, 11))
+    # The run finished: its measured usage, stop string or not.
+    assert relayed([deltas, [done]], []) == ("Hello world. Bye", {**reference_usage_chunk(), "usage": USAGE})
+    text, last = relayed([[*deltas, done]], ["world"])
+    assert text == "Hello " and last["usage"] == USAGE  # cut, but the engine had finished in the same batch
+    # Cut before the engine finished: the run is cancelled uncounted, so there is no usage to report.
+    text, last = relayed([deltas, [done]], ["world"])
+    assert text == "Hello " and last["choices"] == [] and last["usage"] is None
+
+
+def reference_usage_chunk() -> dict[str, Any]:
+    return {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "system_fingerprint": None,
+        "choices": [],
+    }
 
 
 def test_serve_uses_uvloop_and_httptools_when_installed(monkeypatch: pytest.MonkeyPatch) -> None:

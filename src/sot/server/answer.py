@@ -159,7 +159,14 @@ def sot_info(result: Result) -> dict[str, Any]:
     }
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    """The `usage` object."""
-    total = prompt_tokens + completion_tokens
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": total}
+def usage(result: Result | None) -> dict[str, int] | None:
+    """The `usage` object: the engine's measured token counts of the whole run (in SoT mode the skeleton and
+    every point together), or None when no run finished, so there is nothing measured to report.
+
+    Never an estimate: a stream cut short by a stop string cancels the engine before it has counted, and its
+    usage is then null rather than a guess.
+    """
+    if result is None:
+        return None
+    prompt, completion = result.stats.prompt_tokens, result.stats.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
-from sot.events import AnswerDelta, Done, ErrorEvent, Event, PointDelta, Result, SkeletonDelta
+from sot.events import Done, ErrorEvent, Event, Result
 from sot.server.answer import AnswerText, StopFilter, sot_info, usage
 from sot.server.chunks import DONE, ChunkWriter, dumps, error_message, event_message
 from sot.server.errors import map_error
@@ -27,10 +27,8 @@ def completion_id() -> str:
 class ChatRelay:
     """Turns one stream's batches of engine events into chat-completion chunks."""
 
-    def __init__(self, writer: ChunkWriter, stops: Sequence[str], *, sot_events: bool, prompt_chars: int) -> None:
+    def __init__(self, writer: ChunkWriter, stops: Sequence[str], *, sot_events: bool) -> None:
         self.writer = writer
-        self.prompt_chars = prompt_chars
-        self.deltas = 0
         self.text = AnswerText()
         self.cut = StopFilter(stops)
         self.sot_events = sot_events
@@ -40,7 +38,7 @@ class ChatRelay:
         """The chunks for `events`: their text in one chunk (around each engine event, with `sot_events`)."""
         out: list[bytes] = []
         pieces: list[str] = []
-        for event in events:
+        for i, event in enumerate(events):
             if self.sot_events:
                 if pieces:  # keep the order of text and events
                     out.append(self.writer.content("".join(pieces)))
@@ -52,9 +50,10 @@ class ChatRelay:
                 self.result = event.result
                 pieces.append(self.cut.push(self.text.finish(event.result)) + self.cut.flush())
             else:
-                self.deltas += isinstance(event, AnswerDelta | PointDelta | SkeletonDelta)
                 pieces.append(self.cut.push(self.text.feed(event)))
             if self.cut.hit:
+                # The engine may have finished within this batch: then its counts are known.
+                self.result = self.result or next((e.result for e in events[i + 1 :] if isinstance(e, Done)), None)
                 break
         text = "".join(pieces)
         if text:
@@ -62,16 +61,18 @@ class ChatRelay:
         return b"".join(out)
 
     def closing(self, include_usage: bool) -> bytes:
-        """The finish chunk, the usage chunk if asked for, and [DONE]."""
+        """The finish chunk, the usage chunk if asked for, and [DONE].
+
+        Usage is the engine's measurement, or null when the stream stopped at a stop string before the
+        engine finished (its run was cancelled uncounted): never an estimate.
+        """
         if self.result is not None:
             reason = "stop" if self.cut.hit else self.result.finish_reason
             tail = [self.writer.finish(reason, sot_info(self.result))]
-            counted = usage(self.result.stats.prompt_tokens, self.result.stats.completion_tokens)
-        else:  # stopped at a stop string: the engine was cancelled, so count what was read
+        else:
             tail = [self.writer.finish("stop")]
-            counted = usage(self.prompt_chars // 4, self.deltas)
         if include_usage:
-            tail.append(self.writer.usage(counted))
+            tail.append(self.writer.usage(usage(self.result)))
         tail.append(DONE)
         return b"".join(tail)
 
@@ -79,8 +80,7 @@ class ChatRelay:
 async def chat_chunks(primed: list[Event], pump: EventPump, plan: ChatPlan, retry_after: int) -> AsyncIterator[bytes]:
     """A chat-completions stream over a primed pump, to its end (or an error object in the stream)."""
     writer = ChunkWriter(completion_id(), int(time.time()), plan.model, include_usage=plan.include_usage)
-    prompt_chars = sum(len(m.content) for m in plan.messages)
-    relay = ChatRelay(writer, plan.stops, sot_events=plan.sot_events, prompt_chars=prompt_chars)
+    relay = ChatRelay(writer, plan.stops, sot_events=plan.sot_events)
     try:
         yield writer.role()
         async for batch in batches(primed, pump):
@@ -153,7 +153,7 @@ async def complete(request: Request, pump: EventPump, plan: ChatPlan, retry_afte
                 "finish_reason": finish,
             }
         ],
-        "usage": usage(result.stats.prompt_tokens, result.stats.completion_tokens),
+        "usage": usage(result),
         "sot": sot_info(result),
     }
     headers = {"X-SoT-Mode": plan.mode, "X-SoT-Mode-Used": result.mode_used}
