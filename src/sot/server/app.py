@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 
 from sot.engine import Engine
 from sot.server.admission import Gate, Lease
-from sot.server.answer import AnswerText, StopFilter, live_expansion, sot_info, usage
+from sot.server.answer import AnswerText, StopFilter, sot_info, usage
 from sot.server.errors import ApiError, install_error_handlers, map_error
 from sot.server.middleware import BodyLimitMiddleware, require_key
 from sot.server.openapi import install_openapi
@@ -47,7 +47,6 @@ __all__ = [
     "check_supported",
     "conversation",
     "create_app",
-    "live_expansion",
     "map_error",
     "prime",
     "requested_max_tokens",

@@ -55,13 +55,6 @@ async function* sseEvents(response) {
 
 // What the model may repeat at the start of a point ("2. Eat greens: ..."); the final text comes cleaned
 // from the server (point_done), this only keeps the live view tidy meanwhile.
-function cleanLive(point, raw) {
-  let text = raw.replace(/^\s*(\*\*)?\s*\d{1,3}\s*[.)]\s*/, "");
-  const probe = text.replace(/^[\s*]+/, "");
-  if (probe.toLowerCase().startsWith(point.toLowerCase())) text = probe.slice(point.length).replace(/^\*+/, "");
-  return text.replace(/^\s*(\*\*)?\s*[:：\-–—]\s*/, "").replace(/^\s+/, "");
-}
-
 class Pane {
   constructor(root) {
     this.root = root;
@@ -163,7 +156,7 @@ class Pane {
       case "point_delta": {
         const point = this.points[event.index - 1];
         point.raw += event.text;
-        point.text.textContent = cleanLive(point.title, point.raw);
+        point.text.textContent = point.raw; // the server sends clean text: shown as sent
         break;
       }
       case "point_done": {
