@@ -53,8 +53,6 @@ async function* sseEvents(response) {
 
 // -- one pane ----------------------------------------------------------------------------------------------
 
-// What the model may repeat at the start of a point ("2. Eat greens: ..."); the final text comes cleaned
-// from the server (point_done), this only keeps the live view tidy meanwhile.
 class Pane {
   constructor(root) {
     this.root = root;
