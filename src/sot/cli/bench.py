@@ -43,8 +43,51 @@ API_LIKE = {"ttft": 0.35, "tokens_per_second": 40.0}
     help="Start the bundled test upstream (API-like rates) and bench against it. Default when no --base-url "
     "is given for an OpenAI-style backend.",
 )
-@click.option("--load", "load_requests", type=click.IntRange(1), help="Run the server load check with N requests.")
-@click.option("--output", type=click.Path(path_type=Path), help="Write every row and the summary as JSON.")
+@click.option(
+    "--load",
+    "load_requests",
+    type=click.IntRange(1),
+    help="Instead: the `sot serve` load check, N concurrent streamed requests straight to the test upstream and "
+    "as many through the server.",
+)
+@click.option(
+    "--load-ttft",
+    type=click.FloatRange(0),
+    default=0.5,
+    show_default=True,
+    help="Load check: seconds to the first token.",
+)
+@click.option(
+    "--load-tokens-per-second",
+    type=click.FloatRange(0),
+    default=40.0,
+    show_default=True,
+    help="Load check: tokens/s per stream.",
+)
+@click.option(
+    "--load-answer-tokens",
+    type=click.IntRange(1),
+    default=300,
+    show_default=True,
+    help="Load check: tokens of a normal answer.",
+)
+@click.option(
+    "--load-mode",
+    type=click.Choice(["normal", "sot"]),
+    default="normal",
+    show_default=True,
+    help="Load check: the server's mode for the requests (normal: like for like with the direct requests).",
+)
+@click.option(
+    "--load-jitter",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="Load check: vary answer lengths by up to this fraction (the upstream's tokens_jitter).",
+)
+@click.option(
+    "--output", type=click.Path(path_type=Path), help="Write every row and the summary (or the load report) as JSON."
+)
 @backend_options
 @generation_options
 @handle_errors
@@ -54,18 +97,27 @@ def bench(
     all_questions: bool,
     upstream: bool | None,
     load_requests: int | None,
+    load_ttft: float,
+    load_tokens_per_second: float,
+    load_answer_tokens: int,
+    load_mode: str,
+    load_jitter: float,
     output: Path | None,
     **params: Any,
 ) -> None:
     """Benchmark normal decoding against SoT (default: against the bundled test upstream)."""
     console = Console()
     if load_requests:
-        from sot.bench.load import render_load_report, run_load_check
-
-        report = asyncio.run(run_load_check(n_requests=load_requests))
-        console.print(render_load_report(report))
-        if not report.ok:
-            raise SystemExit(1)
+        _load_check(
+            console,
+            output,
+            n_requests=load_requests,
+            mode=load_mode,
+            ttft=load_ttft,
+            tokens_per_second=load_tokens_per_second,
+            answer_tokens=load_answer_tokens,
+            jitter=load_jitter,
+        )
         return
     questions = load_questions(dataset, only_suitable=not all_questions, limit=limit)
     explicit_backend = click.get_current_context().get_parameter_source("backend") != click.core.ParameterSource.DEFAULT
@@ -86,6 +138,23 @@ def bench(
     if output is not None:
         output.write_text(json.dumps(payload, indent=2))
         console.print(f"[dim]wrote {output}[/dim]")
+
+
+def _load_check(console: Console, output: Path | None, **settings: Any) -> None:
+    """`sot bench --load N`: print the report (and write it as JSON); exit 1 only when requests failed."""
+    from sot.bench.load import render_load_report, run_load_check
+
+    console.print(
+        f"[dim]load check: {settings['n_requests']} concurrent streams, {settings['mode']} mode, direct first, "
+        "then through sot serve[/dim]"
+    )
+    report = asyncio.run(run_load_check(**settings))
+    console.print(render_load_report(report))
+    if output is not None:
+        output.write_text(json.dumps(report.to_json(), indent=2))
+        console.print(f"[dim]wrote {output}[/dim]")
+    if not report.ok:
+        raise SystemExit(1)
 
 
 async def _bench(console: Console, questions: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
