@@ -420,8 +420,18 @@ def test_a_truncated_answer_finishes_with_length(fleet: Fleet, mode: str) -> Non
         )
     assert completion.choices[0].finish_reason == "length"
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
-    if mode == "sot":
-        assert completion.to_dict()["sot"]["truncated_points"] == [1, 2, 3, 4, 5]
+    # max_tokens bounds the whole answer in every mode: in SoT, the skeleton and all points together.
+    assert completion.usage is not None and 0 < completion.usage.completion_tokens <= 5
+
+
+@pytest.mark.parametrize("max_tokens", [30, 60, 120])
+def test_max_tokens_bounds_the_completion_tokens_of_a_sot_answer(fleet: Fleet, max_tokens: int) -> None:
+    with client(fleet.fast) as c:
+        completion = c.chat.completions.create(model="sot:test", messages=QUESTION, max_tokens=max_tokens)
+    assert completion.usage is not None and 0 < completion.usage.completion_tokens <= max_tokens
+    assert completion.choices[0].finish_reason == "length"  # the test upstream's answers are longer than that
+    if max_tokens >= 120:  # room for the skeleton and a share for every point: still a SoT answer
+        assert completion.to_dict()["sot"]["mode_used"] == "sot"
 
 
 def test_stop_sequences_cut_the_answer(fleet: Fleet) -> None:

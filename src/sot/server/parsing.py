@@ -263,8 +263,8 @@ def request_engine(
 ) -> Engine:
     """An engine with this request's sampling on the shared backend (engines are cheap; backends are not).
 
-    `max_tokens` bounds a normal answer; in SoT mode it bounds each point's expansion (the number of points
-    is not known in advance, so the whole answer cannot be bounded without truncating it arbitrarily).
+    `max_tokens` bounds the completion tokens of the whole answer, as `usage.completion_tokens` reports them:
+    in SoT mode the skeleton and every point together (the engine shares the budget out among the points).
     """
     changes: dict[str, Any] = {}
     for name, value in (
@@ -280,5 +280,5 @@ def request_engine(
         return base
     config = dataclasses.replace(base.config, sampling=dataclasses.replace(base.config.sampling, **changes))
     if max_tokens is not None:
-        config = dataclasses.replace(config, point_max_tokens=min(config.point_max_tokens, max_tokens))
+        config = dataclasses.replace(config, answer_max_tokens=max_tokens)
     return Engine(base.backend, config, router=base.router)

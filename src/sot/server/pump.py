@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from sot.backends.base import Message
 from sot.engine import Engine
-from sot.events import Done, ErrorEvent, Event, Mode, Result, RouteDecided, RunStarted, SkeletonDelta
+from sot.events import Accepted, Done, Event, Mode, Result
 from sot.server.admission import Lease
 from sot.server.errors import map_error
 
@@ -125,19 +125,14 @@ async def start_stream(request: Request, pump: EventPump, retry_after: int) -> l
 
 
 async def prime(pump: EventPump) -> list[Event]:
-    """Events up to the first one that needed the backend to answer, so that a failure to even start
-    (bad upstream key, rate limit, unreachable) becomes a proper HTTP status instead of a broken stream."""
+    """Events up to the backend's acceptance of the run's first request, as hosted APIs decide a stream's
+    status: a refusal before it (a rate limit with its Retry-After, bad credentials, an unreachable or
+    failing upstream, after the engine's retries) becomes the same HTTP status a non-streamed request gets;
+    after it, headers go out at once and keep-alive comments hold the connection until content flows."""
     primed: list[Event] = []
-    skeleton_deltas = 0
     while batch := await pump.next_batch():
         primed.extend(batch)
-        for event in batch:
-            if isinstance(event, RunStarted | RouteDecided | ErrorEvent):
-                continue
-            if isinstance(event, SkeletonDelta):
-                skeleton_deltas += 1
-                if skeleton_deltas == 1:
-                    continue  # the first may be the prefill ("1."), sent before the backend said anything
+        if any(isinstance(event, Accepted | Done) for event in batch):
             return primed
     return primed
 
