@@ -1,32 +1,141 @@
-"""The `sot bench` load check at a small scale: it starts the test upstream and `sot serve` itself, sends
-concurrent streamed requests both straight and through the server, and reports failures and the latency ratio."""
+"""The `sot bench --load` check at a small scale: its client's SSE parsing, its targets, the report it builds from
+real processes (the test upstream and `sot serve`), failures counted, and the command's JSON output."""
 
 from __future__ import annotations
 
-import math
+import asyncio
+import json
+from pathlib import Path
 
+import pytest
+from click.testing import CliRunner
 from rich.console import Console
 
-from sot.bench.load import LoadReport, render_load_report, run_load_check
+from sot.bench.load import run_load_check
+from sot.bench.load_client import Batch, SSEStream, StreamTrace
+from sot.bench.load_report import LoadReport, Side, render_load_report
+from sot.cli.bench import bench
+
+FAST = {"ttft": 0.05, "tokens_per_second": 200.0, "answer_tokens": 20, "warmup": 2}
 
 
-async def test_load_check_runs_end_to_end_at_small_scale() -> None:
-    report = await run_load_check(12, ttft=0.05, tokens_per_second=200, answer_tokens=10, warmup=2)
-    assert isinstance(report, LoadReport)
-    assert report.ok and report.failed == 0 and report.failures == []
-    assert report.direct.count == report.via_server.count == 12
-    assert report.upstream_requests == 12  # normal mode: each request goes upstream exactly once
-    # Every answer takes at least the upstream's own time (first token, then 9 more at 200/s).
-    assert report.direct.p50 >= 0.05 + 9 / 200 * 0.9
-    assert math.isfinite(report.ratio) and report.ratio > 0.5
-
+def _text(report: LoadReport) -> str:
     console = Console(record=True, width=120)
     console.print(render_load_report(report))
-    text = console.export_text()
-    assert "PASS" in text and "latency ratio" in text and "via sot serve" in text
+    return console.export_text()
+
+
+def _chunk(content: str, finish: str | None = None) -> bytes:
+    delta = json.dumps({"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]})
+    return f"data: {delta}\r\n\r\n".encode()
+
+
+async def _parse(response: bytes, step: int) -> StreamTrace:
+    """Feed a raw HTTP response to the client's parser `step` bytes at a time."""
+    stream = SSEStream(b"", 0.0)
+    for i in range(0, len(response), step):
+        stream.data_received(response[i : i + step])
+    stream.connection_lost(None)
+    return await asyncio.wait_for(stream.finished, 1)
+
+
+@pytest.mark.parametrize("step", [1, 7, 10_000])
+async def test_client_times_events_and_counts_tokens_per_event_across_any_split(step: int) -> None:
+    events = _chunk("") + _chunk("One ") + _chunk("two three ") + b": ping\n\n" + _chunk("four", "stop")
+    events += b"data: [DONE]\n\n"
+    body = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (events[:50], events[50:])) + b"0\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    trace = await _parse(head + body, step)
+    assert trace.failure() is None
+    assert (trace.content_events, trace.tokens, trace.max_tokens_per_event) == (3, 4, 2)
+    assert trace.finish_reason == "stop" and trace.done
+    assert trace.headers is not None and trace.first_content is not None and trace.total is not None
+
+
+async def test_client_fails_streams_without_done_and_error_statuses() -> None:
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    cut = _chunk("One ", "stop")
+    trace = await _parse(head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(cut), cut), 5)
+    assert trace.failure() == "the stream ended without data: [DONE]"
+    error = b'{"error":{"message":"busy"}}'
+    trace = await _parse(b"HTTP/1.1 429 Too Many\r\ncontent-length: %d\r\n\r\n%s" % (len(error), error), 9)
+    assert trace.failure() is not None and trace.failure().startswith("HTTP 429: ")  # type: ignore[union-attr]
+    trace = await _parse(head + b"5\r\nda", 3)  # the connection closes mid-body
+    assert "connection closed" in (trace.failure() or "")
+
+
+def _side(label: str, p50: float, headers_ms: float, first_ms: float, max_per_event: int) -> Side:
+    ok = StreamTrace(200, headers_ms / 1000, first_ms / 1000, p50, 10, 10, max_per_event, "stop", True)
+    return Side.of(label, Batch([ok, ok], p50))
+
+
+def test_targets_judge_ratios_and_only_failures_count_in_sot_mode() -> None:
+    settings = {"n_requests": 200, "mode": "normal", "ttft": 0.5, "tokens_per_second": 40.0, "answer_tokens": 300}
+    report = LoadReport(settings, {}, _side("direct", 8.0, 2, 500, 1), _side("server", 8.8, 60, 550, 1))
+    verdicts = {t.name: t.passed for t in report.targets()}
+    assert verdicts == {
+        "failed requests": True,
+        "latency ratio p50 (server / direct)": False,  # 1.10
+        "latency ratio p95 (server / direct)": False,
+        "first content added, p50": True,  # 50 ms
+        "headers after the upstream's, p50": False,  # 58 ms
+        "tokens per SSE event, max": True,
+    }
+    assert report.off_reference() == []
+    report.settings = {**settings, "mode": "sot", "n_requests": 20}
+    assert [t.passed for t in report.targets()] == [True, None, None, None, None, None]
+    assert report.off_reference() == ["n_requests 20 (targets: 200)"]
+
+
+async def test_load_check_reports_both_sides_of_one_run() -> None:
+    report = await run_load_check(20, **FAST)  # type: ignore[arg-type]
+    assert report.ok and report.failed == 0
+    for side in (report.direct, report.server):
+        assert (side.requests, side.failed, side.failures) == (20, 0, [])
+        assert side.upstream_requests == 20  # normal mode: each request goes upstream exactly once
+        assert side.tokens == side.upstream_tokens == 20 * 20  # every full answer is exactly 20 tokens
+        assert 1 <= side.tokens_per_event_mean <= side.tokens_per_event_max
+        assert 0 < side.headers_p50_ms <= side.first_content_p50_ms <= side.total_p50 * 1000
+        # Every answer takes at least the upstream's own time (first token, then 19 more at 200/s).
+        assert side.total_p50 >= 0.05 + 19 / 200 * 0.9
+    assert report.direct.content_events == 400 and report.direct.tokens_per_event_max == 1
+    assert set(report.direct.cpu) == {"upstream", "client"}
+    assert set(report.server.cpu) == {"upstream", "server", "client"} and report.server.cpu["server"] > 0
+    assert report.server.cpu_per_1k("server") is not None
+    assert report.latency_ratio_p50 > 0.9 and report.targets()[0].passed is True
+
+    text = _text(report)
+    for needed in ("via server", "latency p50 s", "headers p50 ms", "server CPU s / 1k tokens", "targets", "PASS"):
+        assert needed in text
+    assert "targets are set for other settings" in text
+    payload = json.loads(json.dumps(report.to_json()))
+    assert payload["failed"] == 0 and len(payload["targets"]) == 6 and payload["settings"]["mode"] == "normal"
+
+
+async def test_load_check_counts_failures_of_a_faulty_upstream() -> None:
+    fault = {"fault": "error-mid-stream", "fault_rate": 0.3}
+    report = await run_load_check(20, upstream_extra=fault, **FAST)  # type: ignore[arg-type]
+    assert report.direct.failed > 0 and report.server.failed > 0
+    assert not report.ok and report.failed == report.direct.failed + report.server.failed
+    assert report.direct.requests == report.server.requests == 20
+    assert all(f.startswith("error event") for f in report.direct.failures + report.server.failures)
+    assert report.targets()[0].passed is False
+    text = _text(report)
+    assert "FAIL" in text and "error event" in text
 
 
 async def test_load_check_in_sot_mode_fans_out_upstream() -> None:
-    report = await run_load_check(4, mode="sot", ttft=0.02, tokens_per_second=500, answer_tokens=8, warmup=1)
+    report = await run_load_check(6, mode="sot", **FAST)  # type: ignore[arg-type]
     assert report.ok
-    assert report.upstream_requests == 4 * 6  # a skeleton and five points per question
+    assert report.server.upstream_requests == 6 * 6  # a skeleton and five points per question
+    assert report.server.tokens > report.direct.tokens  # the points' text plus their labels
+
+
+def test_command_writes_the_report_and_exits_0(tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    args = ["--load", "8", "--load-ttft", "0.05", "--load-tokens-per-second", "200", "--load-answer-tokens", "20"]
+    result = CliRunner().invoke(bench, [*args, "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "targets" in result.output and "via server" in result.output
+    payload = json.loads(out.read_text())
+    assert payload["settings"]["n_requests"] == 8 and payload["server"]["requests"] == 8
