@@ -81,6 +81,13 @@ def _router(name: str | None, backend: Any) -> Any:
     show_default=True,
 )
 @click.option("--access-log/--no-access-log", default=False, help="Log every request.")
+@click.option(
+    "--ping-seconds",
+    type=click.FloatRange(0.1),
+    default=15.0,
+    show_default=True,
+    help="SSE keep-alive comment interval, so proxies do not drop a stream while the skeleton is written.",
+)
 @backend_options
 @generation_options
 @handle_errors
@@ -100,6 +107,7 @@ def serve(
     scripted_token_delay: float,
     log_level: str,
     access_log: bool,
+    ping_seconds: float,
     **params: Any,
 ) -> None:
     """Serve SoT answers over an OpenAI-compatible API, and a page racing normal decoding against SoT.
@@ -136,6 +144,7 @@ def serve(
         max_messages=max_messages,
         max_question_chars=max_question_chars,
         max_tokens_limit=max_tokens_limit,
+        ping_seconds=ping_seconds,
     )
     app = create_app(lambda: engine, settings)
 

@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sot.errors import (
     AuthenticationError,
+    BackendCapacityError,
     BackendConnectionError,
     BackendError,
     BackendStatusError,
@@ -98,6 +99,14 @@ def map_error(exc: BaseException, retry_after: int) -> ApiError:
         return _upstream(502, "The model upstream could not be reached.", "upstream_unreachable", exc)
     if isinstance(exc, BackendStatusError | BackendStreamError):
         return _upstream(502, "The model upstream failed.", "upstream_error", exc)
+    if isinstance(exc, BackendCapacityError):
+        return ApiError(
+            503,
+            f"The model has no room for this request now; retry later. ({exc.message})",
+            type="server_error",
+            code="model_at_capacity",
+            headers={"Retry-After": str(retry_after)},
+        )
     if isinstance(exc, BackendError):
         return ApiError(500, f"The model backend failed. ({exc.message})", type="server_error", code="backend_error")
     log.error("unexpected error while answering", exc_info=exc)
