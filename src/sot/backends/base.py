@@ -83,6 +83,8 @@ class Backend(Protocol):
     Contract:
     - `stream(request)` yields chunks; the final chunk has `finish_reason` set ("stop" or "length").
       A stream that ends without one is an error, and the backend raises `BackendStreamError`.
+    - A chunk with neither text nor finish reason says the request was accepted (the upstream answered
+      with a success status; the embedded engine admitted it); a server decides a stream's status there.
     - Errors are raised as `sot.errors.BackendError` subclasses, never as a library's own exceptions.
     - Closing the iterator early (`aclose()`, or cancelling the task that iterates it) cancels the
       request and frees whatever it held (an HTTP connection, KV cache cells).

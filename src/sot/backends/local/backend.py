@@ -114,8 +114,9 @@ class LocalBackend:
 
     # ---------------------------------------------------------------- the protocol
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
-        """Generate a reply; chunks carry new text only (never the prefill); the last one has
-        `finish_reason` and `usage`. Closing the iterator early cancels the request and frees its slot."""
+        """Generate a reply; an empty chunk once the request is admitted, then chunks of new text only (never
+        the prefill); the last one has `finish_reason` and `usage`. Closing the iterator early cancels the
+        request and frees its slot."""
         async for chunk in self._stream(request):
             yield chunk
 

@@ -324,6 +324,7 @@ class Scheduler:
         req.prompt_done = req.reused = len(slot.tokens)
         req.admitted_step = self._step_no
         self._active.append(req)
+        self._out.deliver(req, Chunk(), final=False)  # admitted: the engine's "accepted" signal
         self._stats.add(
             requests=1,
             prompt_tokens=len(req.prompt),
