@@ -41,6 +41,7 @@ class AnswerView:
     skeleton: str = ""
     points: list[_Point] = field(default_factory=list)
     answer: str = ""
+    fell_back: bool = False
     started: float = field(default_factory=time.perf_counter)
 
     def apply(self, event: Event) -> None:
@@ -62,6 +63,7 @@ class AnswerView:
             point.text = event.text or point.text
             point.state = "error" if event.error else "truncated" if event.truncated else "done"
         elif isinstance(event, Fallback):
+            self.fell_back = True
             self.notes.append(f"fell back to normal decoding: {event.reason}")
         elif isinstance(event, AnswerDelta):
             self.answer += event.text
@@ -69,7 +71,9 @@ class AnswerView:
     def render(self) -> RenderableType:
         parts: list[RenderableType] = [Text(self.header, style="dim")]
         parts.extend(Text(note, style="yellow") for note in self.notes)
-        if self.points and not self.answer:
+        # SoT streams its answer in order too; while it runs, the points filling in parallel are the view.
+        showing_points = bool(self.points) and not self.fell_back
+        if showing_points:
             table = Table.grid(padding=(0, 1))
             table.add_column(width=2)
             table.add_column()
@@ -90,7 +94,7 @@ class AnswerView:
             parts.append(table)
         elif self.skeleton and not self.answer:
             parts.append(Text("skeleton\n", style="bold") + Text(self.skeleton.strip(), style="cyan"))
-        if self.answer:
+        if self.answer and not showing_points:
             parts.append(Text(self.answer.strip()))
         return Group(*parts)
 

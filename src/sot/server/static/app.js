@@ -71,6 +71,7 @@ class Pane {
     this.points = [];
     this.spans = [];
     this.answerText = "";
+    this.fellBack = false;
     this.setState("idle");
     this.part("elapsed").textContent = "0.0 s";
     this.part("placeholder").hidden = false;
@@ -166,15 +167,20 @@ class Pane {
         break;
       }
       case "fallback":
+        this.fellBack = true;
         this.note(`SoT fell back to normal decoding: ${event.reason}`);
         if (this.part("points")) this.part("points").hidden = true;
+        this.part("answer").textContent = this.answerText; // what the points had sent, continued below
         break;
       case "answer_delta": {
         // Follow the text as it grows, unless the reader scrolled up to read.
         const body = this.root.querySelector(".pane-body");
         const following = body.scrollHeight - body.scrollTop - body.clientHeight < 48;
         this.answerText += event.text;
-        this.part("answer").textContent = this.answerText.replace(/^\s+/, "");
+        // While SoT runs, its points are the view (the answer in order arrives alongside); after a fallback
+        // the answer text, which continues what the points had sent, is.
+        if (this.points.length && !this.fellBack) break;
+        this.part("answer").textContent = this.answerText;
         if (following) body.scrollTop = body.scrollHeight;
         break;
       }
