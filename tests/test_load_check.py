@@ -1,5 +1,4 @@
-"""The `sot bench --load` check at a small scale: its client's SSE parsing, its targets, the report it builds from
-real processes (the test upstream and `sot serve`), failures counted, and the command's JSON output."""
+"""`sot bench --load` at a small scale: SSE parsing, targets, both sides from real processes, failures, JSON."""
 
 from __future__ import annotations
 

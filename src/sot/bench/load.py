@@ -1,16 +1,4 @@
-"""Load check of `sot serve`: concurrent streamed requests straight to a test upstream, then through the server.
-
-It starts its own processes (the bundled test upstream and `sot serve` in front of it, on 127.0.0.1) and stops
-them. It measures the server, not a model: the upstream's answers are scripted and timed. Both sides use the
-same raw HTTP client (`load_client`: one connection per request, header and SSE event arrival times) and the
-same concurrency; the direct batch runs first, then the batch through the server, each after a small warm-up.
-CPU time comes from /proc/PID/stat of the upstream and server processes, before and after each batch.
-
-The upstream is set so that a normal ("full") answer is exactly `answer_tokens` tokens (without jitter): a point
-answer is `answer_tokens / skeleton_points` tokens (5 points: 60 tokens for 300, the upstream's own default)
-and a full answer `full_answer_factor` times that. So in SoT mode an answer has about as many tokens as in
-normal mode, plus the point labels. `sot bench --load N` calls `run_load_check` and prints `render_load_report`.
-"""
+"""Load check of `sot serve`: concurrent streamed requests straight to a test upstream, then through the server."""
 
 from __future__ import annotations
 
@@ -118,7 +106,17 @@ async def run_load_check(
     upstream_extra: dict[str, Any] | None = None,
 ) -> LoadReport:
     """`n_requests` concurrent streamed requests straight to a local test upstream, then as many through
-    `sot serve` (in `mode`) in front of it. `upstream_extra`: more test upstream options (faults, for tests)."""
+    `sot serve` (in `mode`) in front of it. `upstream_extra`: more test upstream options (faults, for tests).
+
+    It starts its own processes (the bundled test upstream, and `sot serve` in front of it, on 127.0.0.1) and
+    stops them; the upstream's answers are scripted and timed, so it measures the server, not a model. Both
+    sides use the same raw HTTP client (`load_client`: one connection per request, the arrival of the headers
+    and of each SSE event) and the same concurrency; the direct batch runs first, then the one through the
+    server, after a warm-up of each path. CPU times come from /proc/PID/stat before and after each batch.
+
+    The upstream's full ("normal") answer is exactly `answer_tokens` tokens (without jitter), a point
+    `answer_tokens / 5` (see `upstream_options`), so a SoT answer has as many tokens plus its point labels.
+    """
     if n_requests < 1:
         raise ValueError("n_requests must be at least 1")
     options = upstream_options(answer_tokens, ttft, tokens_per_second, jitter, **(upstream_extra or {}))

@@ -12,8 +12,6 @@ from urllib.parse import urlsplit
 import httptools
 import orjson
 
-# Tokens per SSE event: the test upstream's token is one word and its trailing whitespace.
-
 
 @dataclass
 class StreamTrace:
