@@ -12,9 +12,8 @@ message; a malformed chunk, an error object mid-stream, or a stream without a fi
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
 import openai
@@ -162,13 +161,21 @@ class OpenAIBackend:
         try:
             async with self.client.chat.completions.with_streaming_response.create(**self._kwargs(request)) as response:
                 yield Chunk()  # the upstream accepted the request (its status was a success)
-                async with contextlib.aclosing(_payloads(response.iter_lines(), events)) as payloads:
-                    async for data in payloads:
-                        text, chunk_finish, chunk_usage = events.parse(data)
+                # The body's bytes as they come, split into events here: when a busy reader falls behind,
+                # one read brings many events, parsed in one go.
+                async for data in response.http_response.aiter_bytes():
+                    for payload in events.feed_bytes(data):
+                        text, chunk_finish, chunk_usage = events.parse(payload)
                         usage = chunk_usage or usage
                         if text:
                             yield Chunk(text=text)
                         finish = chunk_finish or finish
+                for payload in events.end():
+                    text, chunk_finish, chunk_usage = events.parse(payload)
+                    usage = chunk_usage or usage
+                    if text:
+                        yield Chunk(text=text)
+                    finish = chunk_finish or finish
         except openai.OpenAIError as exc:
             raise map_openai_error(exc, self.name) from exc
         except BackendError:
@@ -194,54 +201,54 @@ def _is_transport_error(exc: BaseException) -> bool:
     return any(kind.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "h11") for kind in type(exc).__mro__)
 
 
-async def _payloads(lines: AsyncIterator[str], reader: _ChunkReader) -> AsyncGenerator[Any, None]:
-    """The parsed data of each event, up to `[DONE]` or the end of the body.
-
-    The body is read to its end even after `[DONE]` (as the SDK's own stream does): that lets the HTTP
-    library's nested generators finish instead of being left to the garbage collector.
-    """
-    done = False
-    async for line in lines:
-        data = reader.feed(line)
-        if data is _DONE:
-            done = True
-        elif data is not None and not done:
-            yield data
-    data = reader.end()
-    if data is not None and data is not _DONE and not done:
-        yield data
-
-
 class _ChunkReader:
     """Server-sent events in, chat-completion chunk payloads out; anything malformed is a `BackendStreamError`."""
 
     def __init__(self, backend: str) -> None:
         self.backend = backend
-        self._data: list[str] = []
+        self._buffer = b""  # an incomplete line
+        self._data: list[bytes] = []  # the data lines of the event being read
+        self.done = False  # `[DONE]` was seen: anything after it is ignored (but still read off the wire)
 
-    def feed(self, line: str) -> Any:
-        """One line of the body; returns a parsed payload at the end of an event, `_DONE` at `[DONE]`, else None."""
-        if line.startswith("data:"):
-            data = line[5:]
-            self._data.append(data[1:] if data.startswith(" ") else data)
-            return None
-        if line == "" and self._data:
-            return self._take()
-        return None  # comments (": ping"), `event:`/`id:` fields, blank keep-alive lines
+    def feed_bytes(self, data: bytes) -> list[Any]:
+        """More of the body; returns the payloads of the events it completed, in order."""
+        if self.done:
+            return []
+        lines = (self._buffer + data).split(b"\n")
+        self._buffer = lines.pop()
+        payloads: list[Any] = []
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+            elif not line and self._data:
+                payload = self._take()
+                if payload is _DONE:
+                    self.done = True
+                    break
+                payloads.append(payload)
+            # anything else: comments (": ping"), `event:`/`id:` fields, blank keep-alive lines
+        return payloads
 
-    def end(self) -> Any:
+    def end(self) -> list[Any]:
         """The body ended: an event still waiting for its blank line, if any."""
-        return self._take() if self._data else None
+        if self._buffer and not self.done:
+            return self.feed_bytes(b"\n\n")
+        if self._data and not self.done:
+            return self.feed_bytes(b"\n")
+        return []
 
     def _take(self) -> Any:
-        data, self._data = "\n".join(self._data), []
-        if data == "[DONE]":
+        data, self._data = b"\n".join(self._data), []
+        if data == b"[DONE]":
             return _DONE
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
             raise BackendStreamError(
-                f"the upstream sent a malformed chunk: {data[:200]!r}", backend=self.backend
+                f"the upstream sent a malformed chunk: {data[:200].decode(errors='replace')!r}", backend=self.backend
             ) from None
 
     def parse(self, payload: Any) -> tuple[str | None, str | None, Usage | None]:

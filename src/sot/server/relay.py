@@ -35,29 +35,26 @@ class ChatRelay:
         self.result: Result | None = None
 
     def batch(self, events: Sequence[Event]) -> bytes:
-        """The chunks for `events`: their text in one chunk (around each engine event, with `sot_events`)."""
+        """The chunks for `events`, in one write: each piece of answer text its own chunk, as the upstream sent
+        it (a server that falls behind writes more chunks at once, never bigger ones); with `sot_events`,
+        the engine's events between them in order."""
         out: list[bytes] = []
-        pieces: list[str] = []
         for i, event in enumerate(events):
             if self.sot_events:
-                if pieces:  # keep the order of text and events
-                    out.append(self.writer.content("".join(pieces)))
-                    pieces = []
                 out.append(self.writer.engine_event(event))
             if isinstance(event, ErrorEvent):
                 continue  # the exception follows
             if isinstance(event, Done):
                 self.result = event.result
-                pieces.append(self.cut.push(self.text.finish(event.result)) + self.cut.flush())
+                text = self.cut.push(self.text.finish(event.result)) + self.cut.flush()
             else:
-                pieces.append(self.cut.push(self.text.feed(event)))
+                text = self.cut.push(self.text.feed(event))
+            if text:
+                out.append(self.writer.content(text))
             if self.cut.hit:
                 # The engine may have finished within this batch: then its counts are known.
                 self.result = self.result or next((e.result for e in events[i + 1 :] if isinstance(e, Done)), None)
                 break
-        text = "".join(pieces)
-        if text:
-            out.append(self.writer.content(text))
         return b"".join(out)
 
     def closing(self, include_usage: bool) -> bytes:
