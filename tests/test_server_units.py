@@ -197,3 +197,10 @@ def test_serve_uses_uvloop_and_httptools_when_installed(monkeypatch: pytest.Monk
     assert serve.event_loop_and_http() == ("uvloop", "httptools")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert serve.event_loop_and_http() == ("asyncio", "h11")
+
+
+def test_the_served_models_own_name_is_never_a_mode_attempt() -> None:
+    # An Ollama model named like "<word>:<word>" is the server's own model, not an unknown mode.
+    assert resolve_mode(None, None, "mistral:instruct", "sot", served="mistral:instruct") == "sot"
+    with pytest.raises(ApiError):
+        resolve_mode(None, None, "mistral:instruct", "sot", served="llama3")

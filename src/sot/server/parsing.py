@@ -49,13 +49,19 @@ _NOT_MODES = frozenset({"ft"})  # "ft:gpt-4o-mini:org::id" is an OpenAI fine-tun
 _OLLAMA_TAG = re.compile(r"latest|\d.*")
 
 
-def resolve_mode(body_mode: str | None, header: str | None, model: str, default: Mode) -> Mode:
+def resolve_mode(
+    body_mode: str | None, header: str | None, model: str, default: Mode, served: str | None = None
+) -> Mode:
     """The request's mode: `sot_mode` in the body, else the `X-SoT-Mode` header, else a model-name prefix
-    (`sot:`, `normal:`, `auto:`, or the bare word), else the server default (see the module's rule)."""
+    (`sot:`, `normal:`, `auto:`, or the bare word), else the server default (see the module's rule).
+    `served` is the model the server serves: asked for by its own name it is never a mode attempt
+    (an Ollama model such as `mistral:instruct`)."""
     if body_mode is not None:
         return _as_mode(body_mode, "sot_mode")
     if header is not None and header.strip():
         return _as_mode(header, "X-SoT-Mode")
+    if served is not None and model == served:
+        return default
     return model_mode(model) or default
 
 
@@ -196,9 +202,11 @@ class ChatPlan(RunPlan):
     stops: list[str]
 
 
-def chat_plan(body: ChatCompletionRequest, mode_header: str | None, settings: ServerSettings) -> ChatPlan:
+def chat_plan(
+    body: ChatCompletionRequest, mode_header: str | None, settings: ServerSettings, served: str | None = None
+) -> ChatPlan:
     """The plan of a chat-completions request, or the 400 saying what the server cannot do."""
-    mode = resolve_mode(body.sot_mode, mode_header, body.model, settings.default_mode)
+    mode = resolve_mode(body.sot_mode, mode_header, body.model, settings.default_mode, served)
     check_supported(body)
     messages = conversation(body.messages, settings)
     max_tokens = requested_max_tokens([body.max_tokens, body.max_completion_tokens], settings, "max_tokens")

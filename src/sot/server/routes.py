@@ -92,7 +92,7 @@ async def chat_completions(
     """Answer a conversation (OpenAI chat completions). The mode: `sot_mode` in the body, else the
     `X-SoT-Mode` header, else a model-name prefix (`sot:`, `normal:`, `auto:`), else the server default."""
     settings = state.settings
-    plan = chat_plan(body, x_sot_mode, settings)
+    plan = chat_plan(body, x_sot_mode, settings, served=state.get_engine().backend.model)
     pump = start(state, plan)
     if not plan.stream:
         return await complete(request, pump, plan, settings.retry_after)
