@@ -10,7 +10,7 @@ from sot.core.conversation import normalize_conversation
 from sot.engine.config import EngineConfig, recommended_sampling
 from sot.engine.engine import MODES, Engine, RouterLike
 from sot.engine.retry import RetryPolicy
-from sot.engine.sot import cache_key
+from sot.engine.run import cache_key
 
 __all__ = [
     "MODES",

@@ -66,17 +66,21 @@ class Engine:
             return self.config.prompts
         return SMOLLM if self.backend.name == "local" else CHAT
 
-    async def stream(self, conversation: Conversation, mode: Mode = "sot") -> AsyncGenerator[Event, None]:
+    async def stream(
+        self, conversation: Conversation, mode: Mode = "sot", *, session: str | None = None
+    ) -> AsyncGenerator[Event, None]:
         """Answer, yielding events; the last one is `Done` (or `ErrorEvent`, after which the error is raised).
 
         Bad input raises `InputError` before anything is sent. Stopping iteration early (break, `aclose()`,
-        task cancellation) cancels every in-flight request.
+        task cancellation) cancels every in-flight request. Every request of the run carries one routing
+        key (`GenerationRequest.cache_key`): `session` when given (one per conversation, so a replica's
+        prefix cache serves its turns), else one derived from the conversation.
         """
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
         messages = normalize_conversation(conversation, max_chars=self.config.max_question_chars)
         queue: asyncio.Queue[Event | _Failed] = asyncio.Queue()
-        worker = asyncio.create_task(self._work(messages, mode, queue.put_nowait))
+        worker = asyncio.create_task(self._work(messages, mode, queue.put_nowait, session))
         try:
             while True:
                 item = await queue.get()
@@ -89,9 +93,9 @@ class Engine:
         finally:
             await _stop(worker)
 
-    async def run(self, conversation: Conversation, mode: Mode = "sot") -> Result:
+    async def run(self, conversation: Conversation, mode: Mode = "sot", *, session: str | None = None) -> Result:
         """Answer and return only the final result."""
-        async with contextlib.aclosing(self.stream(conversation, mode)) as events:
+        async with contextlib.aclosing(self.stream(conversation, mode, session=session)) as events:
             async for event in events:
                 if isinstance(event, Done):
                     return event.result
@@ -101,9 +105,11 @@ class Engine:
         """`run` for synchronous callers (not from inside a running event loop)."""
         return asyncio.run(self.run(conversation, mode))
 
-    async def _work(self, messages: list[Message], mode: Mode, emit: Callable[[Any], None]) -> None:
+    async def _work(
+        self, messages: list[Message], mode: Mode, emit: Callable[[Any], None], session: str | None
+    ) -> None:
         """The whole run, in this one task; it reports its outcome through `emit` and never raises."""
-        run = Run(self.backend, self.config, messages, emit)
+        run = Run(self.backend, self.config, messages, emit, session)
         counters = self._backend_counters()
         emit(RunStarted(mode=mode, backend=self.backend.name, model=self.backend.model))
         try:

@@ -25,7 +25,9 @@ async def answer_normally(
     finish = "length"  # with no budget left there is nothing to ask for: the answer stops where it is
     if max_tokens > 0:
         sampling = replace(config.sampling, max_tokens=max_tokens)
-        request = GenerationRequest(messages=tuple(messages), sampling=sampling, prefill=prefill_text)
+        request = GenerationRequest(
+            messages=tuple(messages), sampling=sampling, prefill=prefill_text, cache_key=run.key
+        )
 
         def restart(attempt: int) -> None:
             nonlocal stream

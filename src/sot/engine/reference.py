@@ -18,7 +18,7 @@ from sot.core.prompts import PromptSet, point_request, skeleton_request
 from sot.core.skeleton import parse_skeleton
 from sot.core.stops import find_point_end
 from sot.engine.config import EngineConfig
-from sot.engine.sot import cache_key
+from sot.engine.run import cache_key
 
 
 async def complete(backend: Backend, request: GenerationRequest) -> tuple[str, str]:

@@ -4,8 +4,9 @@ request loop that applies the retry policy to every backend call."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sot.backends.base import Backend, GenerationRequest, Message
@@ -56,8 +57,13 @@ class Tally:
 class Run:
     """One question being answered: the state every stage of it reads and writes."""
 
-    def __init__(self, backend: Backend, config: EngineConfig, messages: list[Message], emit: Emit) -> None:
+    def __init__(
+        self, backend: Backend, config: EngineConfig, messages: list[Message], emit: Emit, session: str | None = None
+    ) -> None:
         self.backend = backend
+        # One key on every request of the question (and of a conversation, when the caller names a session),
+        # so an API's prefix cache, or a load balancer hashing on it, keeps them on one replica.
+        self.key = session or cache_key(messages)
         self.config = config
         self.messages = messages
         self.emit = emit
@@ -139,6 +145,12 @@ class Run:
         stats.requests = self.tally.requests
         stats.retries = self.budget.spent
         return stats
+
+
+def cache_key(messages: Sequence[Message]) -> str:
+    """One key per question, so an API's prefix cache routes all of its points to the same cache."""
+    digest = hashlib.sha256("\x1e".join(f"{m.role}:{m.content}" for m in messages).encode()).hexdigest()
+    return f"sot-{digest[:32]}"
 
 
 def describe(exc: BaseException) -> str:

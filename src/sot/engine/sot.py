@@ -11,11 +11,10 @@ pure functions in `sot.core.policy`.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Sequence
 from dataclasses import replace
 
-from sot.backends.base import GenerationRequest, Message
+from sot.backends.base import GenerationRequest
 from sot.core.answer import PointsInOrder
 from sot.core.live import LivePoint
 from sot.core.policy import SkeletonCut, cut_prose_point, keep_points, point_budget, stage_budget, too_few_points
@@ -145,7 +144,7 @@ class SoTAnswer:
                 return "\n" in piece and parse_skeleton(state.text, max_points=config.max_points, final=False).ended
 
             sampling = replace(config.sampling, max_tokens=max(1, limit - generated))
-            request = GenerationRequest(messages=tuple(prompt), sampling=sampling, prefill=text)
+            request = GenerationRequest(messages=tuple(prompt), sampling=sampling, prefill=text, cache_key=run.key)
             outcome = await run.request("skeleton", request, deadline, on_text, sent=state.streamed)
             generated += outcome.chunks
             if state.cut is None:
@@ -213,7 +212,7 @@ class SoTAnswer:
             sampling=sampling,
             prefill=prefill,
             stop=("\n\n",),
-            cache_key=cache_key(run.messages),
+            cache_key=run.key,
         )
         max_sentences = config.point_max_sentences or self.prompts.point_max_sentences
         if self.point_tokens == 0:  # the answer's token budget is spent: the point stays empty, and cut
@@ -394,9 +393,3 @@ def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
     for error in group.exceptions:
         out.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
     return out
-
-
-def cache_key(messages: Sequence[Message]) -> str:
-    """One key per question, so an API's prefix cache routes all of its points to the same cache."""
-    digest = hashlib.sha256("\x1e".join(f"{m.role}:{m.content}" for m in messages).encode()).hexdigest()
-    return f"sot-{digest[:32]}"
