@@ -41,16 +41,24 @@ class AnswerStream:
     """
 
     def __init__(self, prefix: str = "") -> None:
-        self.text = prefix
+        self._parts = [prefix] if prefix else []
+        self.length = len(prefix)  # of the text sent so far
         self._held = ""
+
+    @property
+    def text(self) -> str:
+        """Everything sent so far (the prefix included)."""
+        return "".join(self._parts)
 
     def push(self, piece: str) -> str:
         combined = self._held + piece
-        if not self.text:
+        if not self.length:
             combined = combined.lstrip()
         kept = combined.rstrip()
         self._held = combined[len(kept) :]
-        self.text += kept
+        if kept:
+            self._parts.append(kept)
+            self.length += len(kept)
         return kept
 
 
@@ -79,11 +87,16 @@ class PointsInOrder:
 
     def __init__(self, points: Sequence[str]) -> None:
         self.points = list(points)
-        self.text = ""
+        self._sent: list[str] = []
         self._expansions = ["" for _ in self.points]
         self._done = [False for _ in self.points]
         self._head = 0  # the first point not yet sent whole (0-based)
         self._head_sent = ""  # the part of the head point's item already sent
+
+    @property
+    def text(self) -> str:
+        """Everything sent so far."""
+        return "".join(self._sent)
 
     @property
     def expansions(self) -> list[str]:
@@ -137,5 +150,5 @@ class PointsInOrder:
                 break
             self._head, self._head_sent = i + 1, ""
         out = "".join(sent)
-        self.text += out
+        self._sent.append(out)
         return out

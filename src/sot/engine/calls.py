@@ -73,8 +73,11 @@ async def call_backend(
         async with asyncio.timeout_at(min(deadline.at, loop.time() + stall_timeout)) as timer:
             limits.timer = timer
             async with _closing(backend.stream(request)) as stream:
+                slack = stall_timeout / 4  # re-arming a timer per token costs more than the stall check needs
                 async for chunk in stream:
-                    timer.reschedule(min(deadline.at, loop.time() + stall_timeout))
+                    wanted = min(deadline.at, loop.time() + stall_timeout)
+                    if wanted - (timer.when() or 0.0) > slack:
+                        timer.reschedule(wanted)
                     _check_chunk(backend, chunk, last)
                     on_accepted()
                     last = chunk

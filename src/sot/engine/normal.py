@@ -34,7 +34,7 @@ async def answer_normally(
             stream = AnswerStream(prefix)  # nothing of a failed attempt was sent, or it is not retried
 
         def on_text(text: str) -> bool:
-            if prefix and not prefill_text and len(stream.text) == len(prefix):
+            if prefix and not prefill_text and stream.length == len(prefix):
                 text = join_continuation(prefix, text.lstrip())
             run.clock.mark_token()
             run.stats.token_times.append(run.clock.now())
@@ -44,7 +44,7 @@ async def answer_normally(
         deadline = run.stage_deadline("normal_deadline", config.normal_deadline)
         stage = "fallback answer" if fallback_reason else "normal answer"
         outcome = await run.request(
-            stage, request, deadline, on_text, on_attempt=restart, sent=lambda: len(stream.text) > len(prefix)
+            stage, request, deadline, on_text, on_attempt=restart, sent=lambda: stream.length > len(prefix)
         )
         finish = "length" if outcome.finish == "length" else "stop"
     return Result(

@@ -72,7 +72,7 @@ class Run:
         self.stats = Stats()
         self.budget = RetryBudget(config.retry.budget)
         self.deadline = Deadline.after("run_deadline", config.run_deadline)
-        self.sent = ""  # the answer text sent so far (AnswerDelta events)
+        self._sent: list[str] = []  # the answer text sent so far (AnswerDelta events), in pieces
         self.accepted = False
 
     def stage_deadline(self, name: str, seconds: float) -> Deadline:
@@ -84,9 +84,14 @@ class Run:
         limit = self.config.answer_max_tokens
         return None if limit is None else max(0, limit - self.tally.completion_tokens)
 
+    @property
+    def sent(self) -> str:
+        """The answer text sent so far."""
+        return "".join(self._sent)
+
     def send_answer(self, text: str) -> None:
         if text:
-            self.sent += text
+            self._sent.append(text)
             self.emit(AnswerDelta(text=text))
 
     def mark_accepted(self) -> None:

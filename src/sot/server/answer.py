@@ -18,20 +18,25 @@ class AnswerText:
     """
 
     def __init__(self) -> None:
-        self.sent = ""
+        self._sent: list[str] = []
+
+    @property
+    def sent(self) -> str:
+        return "".join(self._sent)
 
     def feed(self, event: Event) -> str:
         """Text to send now because of `event` (often "")."""
         if isinstance(event, AnswerDelta):
-            self.sent += event.text
+            self._sent.append(event.text)
             return event.text
         return ""
 
     def finish(self, result: Result) -> str:
         """The rest of the answer once the engine is done (nothing, when the engine kept its promise)."""
-        if result.answer.startswith(self.sent):
-            rest = result.answer[len(self.sent) :]
-            self.sent += rest
+        sent = self.sent
+        if result.answer.startswith(sent):
+            rest = result.answer[len(sent) :]
+            self._sent.append(rest)
             return rest
         return ""
 
