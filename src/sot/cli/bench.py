@@ -14,15 +14,14 @@ from sot.bench.latency import (
     QuestionTiming,
     load_questions,
     measure_decode_rates,
-    rows_table,
     run_latency_bench,
     sot_decode_rate,
     summarize,
-    summary_table,
 )
+from sot.bench.latency_table import rows_table, summary_table
 from sot.cli.options import backend_options, build_backend, build_engine, generation_options, handle_errors
 
-DEFAULT_DATASET = Path("../shared/data/vicuna80.jsonl")
+DEFAULT_DATASET = "vicuna80"
 # API-like pacing of the bundled test upstream: roughly what a hosted GPT-4-class model streams.
 API_LIKE = {"ttft": 0.35, "tokens_per_second": 40.0}
 
@@ -30,13 +29,40 @@ API_LIKE = {"ttft": 0.35, "tokens_per_second": 40.0}
 @click.command()
 @click.option(
     "--dataset",
-    type=click.Path(path_type=Path),
     default=DEFAULT_DATASET,
     show_default=True,
-    help="JSONL questions (question, id, category, sot_suitable).",
+    help="A named dataset (vicuna80, lima: fetched once into the user's cache) or a JSONL file (question, id, "
+    "category, sot_suitable).",
 )
 @click.option("--limit", type=click.IntRange(1), help="Only the first N questions.")
 @click.option("--all-questions", is_flag=True, help="Include questions labelled unsuitable for SoT.")
+@click.option(
+    "--repeat",
+    type=click.IntRange(1),
+    default=1,
+    show_default=True,
+    help="Measure every question K times, alternating which mode goes first; intervals cover the repeats.",
+)
+@click.option(
+    "--replay",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A `sot eval run` results file: the test upstream replays its answers' lengths (normal answer, skeleton, "
+    "each point) question by question, and its questions are the ones benchmarked.",
+)
+@click.option(
+    "--upstream-ttft",
+    type=click.FloatRange(0),
+    default=API_LIKE["ttft"],
+    show_default=True,
+    help="Test upstream: seconds to each request's first token.",
+)
+@click.option(
+    "--upstream-tokens-per-second",
+    type=click.FloatRange(0, min_open=True),
+    default=API_LIKE["tokens_per_second"],
+    show_default=True,
+    help="Test upstream: tokens per second of each request.",
+)
 @click.option(
     "--upstream/--no-upstream",
     default=None,
@@ -92,9 +118,13 @@ API_LIKE = {"ttft": 0.35, "tokens_per_second": 40.0}
 @generation_options
 @handle_errors
 def bench(
-    dataset: Path,
+    dataset: str,
     limit: int | None,
     all_questions: bool,
+    repeat: int,
+    replay: Path | None,
+    upstream_ttft: float,
+    upstream_tokens_per_second: float,
     upstream: bool | None,
     load_requests: int | None,
     load_ttft: float,
@@ -119,22 +149,35 @@ def bench(
             jitter=load_jitter,
         )
         return
-    questions = load_questions(dataset, only_suitable=not all_questions, limit=limit)
+    if replay is not None:
+        from sot.testing.replay import ReplayBook
+
+        questions = ReplayBook.load(replay).questions(only_suitable=not all_questions, limit=limit)
+    else:
+        questions = load_questions(dataset, only_suitable=not all_questions, limit=limit)
     explicit_backend = click.get_current_context().get_parameter_source("backend") != click.core.ParameterSource.DEFAULT
     if upstream is None:
         upstream = not explicit_backend or (params["backend"] in ("openai", "azure") and not params.get("base_url"))
+    if replay is not None and not upstream:
+        raise click.BadParameter("--replay runs against the bundled test upstream", param_hint="--replay")
+    pacing = {"ttft": upstream_ttft, "tokens_per_second": upstream_tokens_per_second}
     if upstream:
         from sot.testing.process import running_test_upstream
 
-        with running_test_upstream(**API_LIKE) as base_url:
+        with running_test_upstream(**pacing, replay=replay) as base_url:
             params = {**params, "backend": "openai", "base_url": base_url, "model": "sot-test", "api_key": "test"}
             console.print(
-                f"[dim]test upstream at {base_url}: ttft {API_LIKE['ttft']} s, "
-                f"{API_LIKE['tokens_per_second']:g} tokens/s per request[/dim]"
+                f"[dim]test upstream at {base_url}: ttft {upstream_ttft:g} s, {upstream_tokens_per_second:g} "
+                f"tokens/s per request{f', replaying {replay}' if replay else ''}[/dim]"
             )
-            payload = asyncio.run(_bench(console, questions, params))
+            payload = asyncio.run(_bench(console, questions, params, repeat))
     else:
-        payload = asyncio.run(_bench(console, questions, params))
+        payload = asyncio.run(_bench(console, questions, params, repeat))
+    payload["settings"] = {
+        "dataset": str(replay or dataset),
+        "repeats": repeat,
+        "upstream": {**pacing, "replay": str(replay) if replay else None} if upstream else None,
+    }
     if output is not None:
         output.write_text(json.dumps(payload, indent=2))
         console.print(f"[dim]wrote {output}[/dim]")
@@ -157,46 +200,42 @@ def _load_check(console: Console, output: Path | None, **settings: Any) -> None:
         raise SystemExit(1)
 
 
-async def _bench(console: Console, questions: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any]:
+async def _bench(
+    console: Console, questions: list[dict[str, Any]], params: dict[str, Any], repeats: int = 1
+) -> dict[str, Any]:
     backend = build_backend(params, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     engine = build_engine(backend, params)
     try:
-        extra: dict[str, str] = {}
         rates: dict[int, float] = {}
         if backend.name == "local":
             console.print("[dim]measuring the machine's decode rates (1 and 8 sequences)…[/dim]")
             rates = await measure_decode_rates(engine)
         console.print(
-            f"[dim]{len(questions)} questions, normal and SoT alternating on {backend.name}/{backend.model}[/dim]"
+            f"[dim]{len(questions)} questions x {repeats}, normal and SoT alternating on "
+            f"{backend.name}/{backend.model}[/dim]"
         )
 
         def progress(row: QuestionTiming) -> None:
             console.print(
-                f"[dim]{row.id}: normal {row.normal_seconds:.2f} s, SoT {row.sot_seconds:.2f} s "
-                f"({row.speedup:.2f}x)[/dim]"
+                f"[dim]{row.id}{f' #{row.repeat + 1}' if repeats > 1 else ''}: normal {row.normal_seconds:.2f} s, "
+                f"SoT {row.sot_seconds:.2f} s ({row.speedup:.2f}x)[/dim]"
             )
 
-        rows = await run_latency_bench(engine, questions, on_row=progress)
+        rows = await run_latency_bench(engine, questions, repeats=repeats, on_row=progress)
     finally:
         await backend.aclose()
     summary = summarize(rows)
-    if rates:
-        sot_rate = sot_decode_rate(rows)
-        extra["decode rate: 1 sequence / 8 sequences (tokens/s)"] = f"{rates[1]:.0f} / {rates[8]:.0f}"
-        if sot_rate:
-            extra["SoT overall decode rate (tokens/s), vs 1 sequence"] = f"{sot_rate:.0f} ({sot_rate / rates[1]:.2f}x)"
     console.print(rows_table(rows))
-    console.print(summary_table(summary, extra))
-    return {
-        "summary": summary.to_json(),
-        "decode_rates": rates,
-        "rows": [
-            {
-                **row.__dict__,
-                "speedup": row.speedup,
-                "parallel_efficiency": row.parallel_efficiency,
-                "equal_length_speedup": row.equal_length_speedup,
-            }
-            for row in rows
-        ],
-    }
+    console.print(summary_table(summary, _rate_lines(rates, rows)))
+    return {"summary": summary.to_json(), "decode_rates": rates, "rows": [row.to_json() for row in rows]}
+
+
+def _rate_lines(rates: dict[int, float], rows: list[QuestionTiming]) -> dict[str, str]:
+    """The machine's reference decode rates, and SoT's overall rate against one sequence's."""
+    if not rates:
+        return {}
+    extra = {"decode rate: 1 sequence / 8 sequences (tokens/s)": f"{rates[1]:.0f} / {rates[8]:.0f}"}
+    sot_rate = sot_decode_rate(rows)
+    if sot_rate:
+        extra["SoT overall decode rate (tokens/s), vs 1 sequence"] = f"{sot_rate:.0f} ({sot_rate / rates[1]:.2f}x)"
+    return extra

@@ -18,6 +18,10 @@ Answers are deterministic functions of the request, shaped so both SoT stages ge
 ``round(length * f)`` tokens (at least 1) with ``f`` in ``[1 - jitter, 1 + jitter]``, a function of ``seed``
 and the messages only, so the same request always gets the same length. ``tokens`` (below) is exact.
 
+``--replay RESULTS`` replays real answers' lengths from a `sot eval run` results file (`sot.testing.replay`):
+a request whose user message holds one of its questions gets that question's normal-answer tokens (full),
+skeleton points and tokens (skeleton) or point tokens (point); ``tokens`` (below) still wins.
+
 A token is one word plus its trailing whitespace, and a stream carries one token per chunk. When the last
 message is from the assistant, the answer continues it and does not repeat it. ``max_tokens`` (or
 ``max_completion_tokens``) caps the answer (finish_reason "length"); ``stop`` strings end it early
@@ -79,6 +83,7 @@ from __future__ import annotations
 import argparse
 import socket
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import uvicorn
 from starlette.applications import Starlette
@@ -102,6 +107,9 @@ from sot.testing.upstream_options import (
     parse_overrides,
 )
 from sot.testing.upstream_stats import RequestRecord, UpstreamState
+
+if TYPE_CHECKING:
+    from sot.testing.replay import ReplayBook
 from sot.testing.upstream_wire import error_body
 
 __all__ = [
@@ -263,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME,...",
         help="request headers to record in /stats, besides X-SoT-Session and X-Request-ID",
     )
+    p.add_argument(
+        "--replay",
+        default=None,
+        metavar="RESULTS",
+        help="replay the answer lengths of a `sot eval run` results file, per question (sot.testing.replay)",
+    )
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     p.add_argument("--access-log", action="store_true", help="log every request")
     return p
@@ -310,7 +324,14 @@ def options_from_args(args: argparse.Namespace) -> UpstreamOptions:
         retry_after=args.retry_after,
         seed=args.seed,
         record_headers=args.record_headers,
+        replay=_replay_book(args.replay),
     )
+
+
+def _replay_book(path: str | None) -> ReplayBook | None:
+    from sot.testing.replay import ReplayBook
+
+    return ReplayBook.load(path) if path else None
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -94,8 +94,18 @@ def _tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
-def _skeleton_text(topics: list[str], points: int, prefill: str) -> str:
-    lines = [f"{i}. Point {_number_word(i)} about {topics[(i - 1) % len(topics)]}" for i in range(1, points + 1)]
+def _skeleton_line(i: int, topics: list[str], words: int | None) -> str:
+    """Point `i`'s line: "i. Point <number> about <topic>", or exactly `words` words after the number."""
+    topic = topics[(i - 1) % len(topics)]
+    if words is None:
+        return f"{i}. Point {_number_word(i)} about {topic}"
+    filler = ["Point", _number_word(i), "about", topic]
+    filler += [topics[(i + j) % len(topics)] for j in range(max(0, words - len(filler)))]
+    return f"{i}. " + " ".join(filler[: max(1, words)])
+
+
+def _skeleton_text(topics: list[str], points: int, prefill: str, words: Sequence[int] | None = None) -> str:
+    lines = [_skeleton_line(i, topics, None if words is None else words[i - 1]) for i in range(1, points + 1)]
     if not prefill:
         return "\n".join(lines)
     trailing = _TRAILING_NUMBER.search(prefill)
@@ -190,9 +200,16 @@ def plan_answer(
     last = messages[-1]
     prefill = last.content if last.role == "assistant" else ""
     last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
+    replayed = options.replay.lengths(messages, kind) if options.replay is not None else None
     if kind == "skeleton":
-        answer = _tokenize(_skeleton_text(_topics(last_user), options.skeleton_points, prefill))
+        points = options.skeleton_points
+        words = None
+        if replayed is not None and replayed.points:
+            points, words = replayed.points, replayed.skeleton_words
+        answer = _tokenize(_skeleton_text(_topics(last_user), points, prefill, words))
     else:
+        if tokens is None and replayed is not None:
+            tokens = replayed.tokens
         if tokens is None:
             length = options.tokens_per_answer
             if kind == "full":

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:
+    from sot.testing.replay import ReplayBook
 
 DEFAULT_MODEL = "sot-test-model"
 # HTTP statuses from 400 to 599 are faults too ("429", "503", ...).
@@ -33,8 +36,8 @@ RECORDED_HEADERS = ("x-sot-session", "x-request-id")
 
 @dataclass(frozen=True, slots=True)
 class UpstreamOptions:
-    """Server-wide behaviour. All but `model`, `fault_first`, `fault_kind`, `seed` and `record_headers` can be
-    overridden per request."""
+    """Server-wide behaviour. All but `model`, `fault_first`, `fault_kind`, `seed`, `record_headers` and `replay`
+    can be overridden per request."""
 
     model: str = DEFAULT_MODEL
     skeleton_points: int = 5
@@ -59,6 +62,8 @@ class UpstreamOptions:
     seed: int = 0
     # Request headers recorded in /stats besides RECORDED_HEADERS (lower case).
     record_headers: tuple[str, ...] = ()
+    # Answer lengths replayed from a `sot eval run` results file, per question (`sot.testing.replay`).
+    replay: ReplayBook | None = None
 
 
 class BadRequest(Exception):
