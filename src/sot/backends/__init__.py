@@ -1,7 +1,9 @@
-"""Backends: the `Backend` protocol, and `create_backend`, which builds one by name.
+"""Backends: the `Backend` protocol, and `create_backend`, which builds one by its registered name.
 
-Built-in names: `local` (the embedded llama.cpp engine, default), `openai` (any OpenAI-compatible
-endpoint), `azure` (Azure OpenAI), `scripted` (an in-process test double).
+Backends are registered by name in the `sot.backends` entry-point group (see `sot.backends.registry`); the
+built-in ones are `local` (the embedded llama.cpp engine, default), `openai` (any OpenAI-compatible
+endpoint), `azure` (Azure OpenAI), `anthropic` (Claude through the official SDK), `llm` (any model of Simon
+Willison's `llm` tool) and `scripted` (an in-process test double). `sot backends` lists what is installed.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from sot.backends.base import (
     SamplingParams,
     Usage,
 )
-from sot.errors import ConfigError
+from sot.backends.registry import BUILTIN_TARGETS, Capabilities, backend_factory, backend_names, lookup, registry
 
-BACKENDS = ("local", "openai", "azure", "scripted")
+# The built-in names (every registered name: `backend_names()`).
+BACKENDS = tuple(BUILTIN_TARGETS)
 
 
 def create_backend(
@@ -31,46 +34,30 @@ def create_backend(
     api_key: str | None = None,
     **options: Any,
 ) -> Backend:
-    """Build a backend by name; unspecified settings come from the usual environment variables.
+    """Build a registered backend by name (default: `SOT_BACKEND`, else `local`); options go to its factory.
 
     `local`: `model` is a GGUF path (default: the packaged SmolLM2-135M-Instruct); options go to
     `LocalBackend` (e.g. `weights`). `openai`: `model` is required (or `SOT_MODEL`), `base_url` defaults
     to `OPENAI_BASE_URL` or OpenAI itself; options go to `OpenAIBackend` (e.g. `continue_final_message`).
+    `anthropic`: `model` is required, the key comes from `ANTHROPIC_API_KEY`. `llm`: `model` is any model
+    id `llm` knows. An unknown name is a `ConfigError` that lists the installed backends.
     """
-    name = (name or os.environ.get("SOT_BACKEND") or "local").lower()
-    if name == "local":
-        from sot.backends.local import LocalBackend
-
-        return LocalBackend(model or None, **options)
-    if name in ("openai", "azure"):
-        from sot.backends.openai_compat import OpenAIBackend
-
-        model = model or os.environ.get("SOT_MODEL") or os.environ.get("OPENAI_MODEL")
-        if not model:
-            raise ConfigError(f"the {name} backend needs --model (or SOT_MODEL)")
-        if name == "azure":
-            options.setdefault("azure_api_version", os.environ.get("OPENAI_API_VERSION", "2024-10-21"))
-            base_url = base_url or os.environ.get("AZURE_OPENAI_ENDPOINT")
-        else:
-            base_url = base_url or os.environ.get("OPENAI_BASE_URL")
-            if base_url is None:
-                options.setdefault("cache_key_field", "prompt_cache_key")  # OpenAI itself takes it
-        return OpenAIBackend(model, base_url=base_url, api_key=api_key, name=name, **options)
-    if name == "scripted":
-        from sot.backends.scripted import ScriptedBackend
-
-        return ScriptedBackend(**options)
-    raise ConfigError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")
+    name = name or os.environ.get("SOT_BACKEND") or "local"
+    return lookup(name).create(model=model, base_url=base_url, api_key=api_key, **options)
 
 
 __all__ = [
     "BACKENDS",
     "Backend",
+    "Capabilities",
     "Chunk",
     "FinishReason",
     "GenerationRequest",
     "Message",
     "SamplingParams",
     "Usage",
+    "backend_factory",
+    "backend_names",
     "create_backend",
+    "registry",
 ]

@@ -12,6 +12,7 @@ import re
 from collections.abc import AsyncGenerator, Callable
 
 from sot.backends.base import Chunk, GenerationRequest, Usage
+from sot.backends.registry import Capabilities
 
 Responder = Callable[[GenerationRequest], str]
 
@@ -31,6 +32,8 @@ class ScriptedBackend:
     """Answers with `responder(request)`, one word per chunk, `ttft` then `token_delay` seconds apart."""
 
     name = "scripted"
+    capabilities = Capabilities(prefill=True)
+    description = "An in-process test double: scripted answers, word by word, no model."
 
     def __init__(
         self,
@@ -49,6 +52,23 @@ class ScriptedBackend:
         self.requests: list[GenerationRequest] = []
         self.active = 0
         self.cancelled = 0
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        model: str | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        responder: Responder = default_responder,
+        ttft: float = 0.0,
+        token_delay: float = 0.0,
+        supports_prefill: bool = True,
+    ) -> ScriptedBackend:
+        """The registry's constructor (`sot.backends.registry`): `base_url` and `api_key` are unused."""
+        return cls(
+            responder, ttft=ttft, token_delay=token_delay, supports_prefill=supports_prefill, model=model or "scripted"
+        )
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         self.requests.append(request)

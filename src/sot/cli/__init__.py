@@ -6,6 +6,7 @@ import click
 
 from sot import __version__
 from sot.cli.ask import ask
+from sot.cli.backends_cmd import backends
 from sot.cli.bench import bench
 from sot.cli.eval_cmd import eval_group
 from sot.cli.router_cmd import router
@@ -19,6 +20,7 @@ def cli() -> None:
 
 
 cli.add_command(ask)
+cli.add_command(backends)
 cli.add_command(bench)
 cli.add_command(eval_group)
 cli.add_command(router)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from sot.backends import BACKENDS, Backend, create_backend
+from sot.backends import Backend
+from sot.backends.registry import lookup
 from sot.core.prompts import BUILTIN, PromptSet, load_prompt_set
 from sot.engine import Engine, EngineConfig, RetryPolicy, recommended_sampling
 from sot.errors import ConfigError, SoTError
@@ -20,24 +22,43 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def backend_options(func: F) -> F:
-    """--backend, --model, --base-url, --api-key and the backend-specific switches."""
+    """--backend (any registered name), --model, --base-url, --api-key, --backend-option and the switches that
+    some backends take (each goes only to a backend whose factory names it)."""
     options = [
         click.option(
             "--backend",
             "-b",
-            type=click.Choice(BACKENDS, case_sensitive=False),
             envvar="SOT_BACKEND",
             default="local",
             show_default=True,
-            help="Model backend: the embedded engine, or an OpenAI-compatible endpoint.",
+            help="Model backend: any installed one (`sot backends` lists them): local, openai, azure, anthropic, "
+            "llm, or a plugin's.",
         ),
-        click.option("--model", "-m", envvar="SOT_MODEL", help="Model name (openai/azure) or GGUF file path (local)."),
+        click.option(
+            "--model",
+            "-m",
+            envvar="SOT_MODEL",
+            help="Model: a name (openai, azure, anthropic), an llm model id (llm) or a GGUF file path (local).",
+        ),
         click.option(
             "--base-url",
             envvar="OPENAI_BASE_URL",
-            help="OpenAI-compatible endpoint, e.g. http://host:8000/v1.",
+            help="Endpoint, e.g. http://host:8000/v1 (OpenAI-compatible) or an Anthropic-compatible root.",
         ),
-        click.option("--api-key", envvar="OPENAI_API_KEY", help="API key (default: $OPENAI_API_KEY)."),
+        click.option(
+            "--api-key",
+            envvar="OPENAI_API_KEY",
+            help="API key (default: the backend's own variable, e.g. $OPENAI_API_KEY, $ANTHROPIC_API_KEY).",
+        ),
+        click.option(
+            "--backend-option",
+            "-O",
+            "backend_option",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help="A backend-specific setting, repeatable; VALUE is read as JSON when it parses (true, 3, "
+            '{"a": 1}), else as text. E.g. -O prefill=false (anthropic), -O options=\'{"max_tokens": 200}\' (llm).',
+        ),
         click.option(
             "--continue-final-message/--no-continue-final-message",
             default=False,
@@ -145,23 +166,56 @@ def generation_options(func: F) -> F:
     return func
 
 
+# Switches that go to a backend only if its factory names them as parameters.
+_SWITCHES = ("continue_final_message", "weights")
+# Options whose environment variables belong to the OpenAI SDK: another backend does not get their values.
+_OPENAI_ENV = ("base_url", "api_key")
+
+
+def parse_backend_options(items: Sequence[str]) -> dict[str, Any]:
+    """KEY=VALUE settings as a dict, each VALUE read as JSON when it parses and as text otherwise."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key.isidentifier():
+            raise ConfigError(f"--backend-option {item!r}: expected KEY=VALUE, e.g. prefill=false")
+        try:
+            parsed[key] = json.loads(raw)
+        except ValueError:
+            parsed[key] = raw
+    return parsed
+
+
+def _from_openai_env(option: str) -> bool:
+    """Whether `option`'s value came from an OpenAI environment variable rather than the command line."""
+    context = click.get_current_context(silent=True)
+    if context is None or option not in _OPENAI_ENV:
+        return False
+    return context.get_parameter_source(option) == click.core.ParameterSource.ENVIRONMENT
+
+
 def build_backend(params: dict[str, Any], *, progress: Callable[[str], None] | None = None) -> Backend:
-    """The backend named by the common options."""
-    name = params["backend"]
+    """The backend named by the common options, built through the registry (`sot.backends.registry`).
+
+    `--model`, `--base-url` and `--api-key` go to every backend (the last two only from the command line, not
+    from the OpenAI variables, unless the backend is openai or azure); a switch such as `--weights` goes to a
+    backend whose factory takes it, and so does `progress`; `--backend-option` settings go as given.
+    """
+    entry = lookup(params.get("backend") or "local")
+    openai_style = entry.name in ("openai", "azure")
+    generic: dict[str, Any] = {"model": params.get("model")}
+    for option in _OPENAI_ENV:
+        value = params.get(option)
+        generic[option] = None if value and not openai_style and _from_openai_env(option) else value
     options: dict[str, Any] = {}
-    if name == "local":
-        options["weights"] = params.get("weights") or "auto"
-        if progress is not None:
-            options["progress"] = progress
-    elif name in ("openai", "azure"):
-        options["continue_final_message"] = bool(params.get("continue_final_message"))
-    return create_backend(
-        name,
-        model=params.get("model"),
-        base_url=params.get("base_url"),
-        api_key=params.get("api_key"),
-        **options,
-    )
+    for switch in _SWITCHES:
+        if switch in params and entry.accepts(switch):
+            options[switch] = params[switch]
+    if progress is not None and entry.accepts("progress"):
+        options["progress"] = progress
+    options.update(parse_backend_options(params.get("backend_option") or ()))
+    return entry.create(**{**generic, **options})
 
 
 def load_prompts(source: str | None) -> PromptSet | None:
@@ -195,7 +249,7 @@ def build_engine(backend: Backend, params: dict[str, Any], router: Any = None) -
         sampling=sampling,
         prompts=load_prompts(params.get("prompts_source")),
         max_points=params.get("max_points") or 10,
-        max_parallel=params.get("max_parallel") or 16,
+        max_parallel=_max_parallel(backend, params.get("max_parallel") or 16),
         skeleton_deadline=params.get("skeleton_deadline") or EngineConfig.skeleton_deadline,
         point_deadline=params.get("point_deadline") or EngineConfig.point_deadline,
         normal_deadline=params.get("normal_deadline") or EngineConfig.normal_deadline,
@@ -209,6 +263,12 @@ def build_engine(backend: Backend, params: dict[str, Any], router: Any = None) -
         overlap=EngineConfig.overlap if params.get("overlap") is None else bool(params["overlap"]),
     )
     return Engine(backend, config, router=router)
+
+
+def _max_parallel(backend: Backend, requested: int) -> int:
+    """Points expanded at once: 1 for a backend that runs one call at a time (`concurrent` False), so that each
+    point's deadline counts from its own start rather than from a wait in the backend's queue."""
+    return 1 if getattr(backend, "concurrent", True) is False else requested
 
 
 def fail(message: str, code: int = 1) -> None:
