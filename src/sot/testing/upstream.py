@@ -65,7 +65,14 @@ Faults (server-wide ``--fault`` for a fraction ``--fault-rate`` of requests, or 
   measure when a proxy sends its own headers; non-stream answers are unchanged (their headers always wait).
 - ``none``: no fault (switches a server-wide fault off for one request).
 
-Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``, ``GET /stats``,
+Anthropic's Messages API: ``POST /v1/messages`` gives the same answers with the same timing and faults as
+streamed events (message_start ... message_stop), Anthropic error objects, ``retry-after`` on 429 and 529
+(a status fault "529" is Anthropic's overloaded error), and ``cache_control`` accounting: each request's
+record has ``input_tokens``, ``cache_creation_input_tokens`` and ``cache_read_input_tokens`` (see
+`sot.testing.upstream_anthropic` and `sot.testing.upstream_cache`); /stats has ``prompt_cache`` counters. An
+Anthropic client's base URL is the server's root (without ``/v1``).
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/messages``, ``GET /v1/models``, ``GET /health``, ``GET /stats``,
 ``POST /stats/reset``. /stats has counters (started, finished, cancelled, failed, active, max_active,
 faulted) and ``requests``, a record of each of the last 500 requests (see `RequestRecord`): ``id``,
 ``index``, ``kind``, ``stream``, ``model``, ``fault`` (the fault applied, or null), ``http_status``,
@@ -93,6 +100,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from sot.testing.upstream_answers import Msg, Plan, classify, jittered_length, plan_answer
+from sot.testing.upstream_anthropic import Messages
 from sot.testing.upstream_chat import ChatCompletions
 from sot.testing.upstream_options import (
     DEFAULT_MODEL,
@@ -174,13 +182,16 @@ async def reset_stats(request: Request) -> JSONResponse:
 
 
 class _UpstreamApp(Starlette):
-    """Starlette, but chat completions skip the middleware stack, which would wrap `send` for every chunk."""
+    """Starlette, but chat completions and messages skip the middleware stack, which would wrap `send` for every
+    chunk."""
 
     def __init__(self, state: UpstreamState) -> None:
         self._chat = ChatCompletions(state)
+        self._messages = Messages(state)
         super().__init__(
             routes=[
                 Route("/v1/chat/completions", self._chat, methods=["POST"]),
+                Route("/v1/messages", self._messages, methods=["POST"]),
                 Route("/v1/models", list_models, methods=["GET"]),
                 Route("/health", health, methods=["GET"]),
                 Route("/stats", stats, methods=["GET"]),
@@ -193,6 +204,9 @@ class _UpstreamApp(Starlette):
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/chat/completions":
             scope["app"] = self
             await self._chat(scope, receive, send)
+        elif scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == "/v1/messages":
+            scope["app"] = self
+            await self._messages(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
 

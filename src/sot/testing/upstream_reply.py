@@ -6,7 +6,7 @@ import asyncio
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.types import Receive, Send
 
@@ -100,8 +100,16 @@ def tokens_due(elapsed: float, rate: float, sent: int, total: int) -> int:
     return min(total, max(sent + 1, math.floor(elapsed * rate + 1e-6) + 1))
 
 
-async def _send_paced(reply: Reply, encoder: ChunkEncoder, send: Send) -> None:
-    """The role chunk and the tokens, each at its deadline; overdue tokens go out in one write."""
+class PacedEncoder(Protocol):
+    """What `send_paced` needs of a wire format: the opening bytes and the bytes of some tokens."""
+
+    def role(self) -> bytes: ...
+
+    def tokens(self, texts: list[str]) -> bytes: ...
+
+
+async def send_paced(reply: Reply, encoder: PacedEncoder, send: Send) -> None:
+    """The opening (role) chunk and the tokens, each at its deadline; overdue tokens go out in one write."""
     loop = asyncio.get_running_loop()
     record, tokens, rate, first_at = reply.record, reply.tokens, reply.rate, reply.first_at
     pending = encoder.role()
@@ -152,7 +160,7 @@ async def stream_reply(reply: Reply, send: Send) -> None:
         await send(_body(encoder.role()))
         reply.record.mark_first_token()
         await forever()
-    await _send_paced(reply, encoder, send)
+    await send_paced(reply, encoder, send)
     if fault == "stall-mid":
         await forever()
     await send(_body(_stream_tail(reply, encoder), more=False))

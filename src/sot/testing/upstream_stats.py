@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from sot.testing.upstream_cache import PromptCache
 from sot.testing.upstream_options import UpstreamOptions
 
 RECENT_LIMIT = 500
@@ -53,6 +54,11 @@ class RequestRecord:
     http_status: int = 200
     completion_tokens: int = 0  # tokens sent so far (written to the connection)
     finish_reason: str | None = None
+    api: str = "chat"  # "chat" (POST /v1/chat/completions) or "messages" (POST /v1/messages)
+    # Messages API only: the prompt tokens split by the prompt cache (see `sot.testing.upstream_cache`).
+    input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
 
     def mark_first_token(self) -> None:
         """The first chunk (streams) or the whole answer (JSON) is about to go out."""
@@ -80,6 +86,7 @@ class UpstreamState:
         self.faulted = 0
         self.max_active = 0
         self.recent: deque[RequestRecord] = deque(maxlen=RECENT_LIMIT)
+        self.prompt_cache = PromptCache()  # the Messages API's cache_control accounting
 
     @property
     def active(self) -> int:
@@ -134,5 +141,10 @@ class UpstreamState:
             "active": self.active,
             "max_active": self.max_active,
             "faulted": self.faulted,
+            "prompt_cache": {
+                "entries": len(self.prompt_cache),
+                "reads": self.prompt_cache.reads,
+                "writes": self.prompt_cache.writes,
+            },
             "requests": [asdict(r) for r in self.recent],
         }
