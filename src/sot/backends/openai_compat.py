@@ -72,6 +72,9 @@ class OpenAIBackend:
     then uses prefill-style prompts. Otherwise it uses instruction-style prompts.
     `cache_key_field`: the body field that carries one cache key per question (`prompt_cache_key` on
     OpenAI); `None` sends nothing, for servers that reject unknown fields.
+    `routing_header`: the header that carries the same key on every request (default `X-SoT-Session`), so a
+    load balancer that hashes on it (nginx `hash $http_x_sot_session consistent`) sends the skeleton and all
+    points of a question to one replica and its prefix cache; `None` sends no header.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class OpenAIBackend:
         azure_api_version: str | None = None,
         continue_final_message: bool = False,
         cache_key_field: str | None = None,
+        routing_header: str | None = "X-SoT-Session",
         extra_body: Mapping[str, Any] | None = None,
         include_usage: bool = True,
         timeout: float = 120.0,
@@ -95,6 +99,7 @@ class OpenAIBackend:
         self.model = model
         self.supports_prefill = continue_final_message
         self.cache_key_field = cache_key_field
+        self.routing_header = routing_header
         self.extra_body = dict(extra_body or {})
         self.include_usage = include_usage
         api_key = api_key or os.environ.get("AZURE_OPENAI_API_KEY" if azure_api_version else "OPENAI_API_KEY")
@@ -151,6 +156,9 @@ class OpenAIBackend:
             kwargs["stream_options"] = {"include_usage": True}
         if extra:
             kwargs["extra_body"] = extra
+        key = request.cache_key
+        if key and self.routing_header and key.isascii() and key.isprintable():
+            kwargs["extra_headers"] = {self.routing_header: key}
         return kwargs
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
