@@ -197,6 +197,7 @@ class Messages:
             headers={name: headers[name] for name in self.recorded_headers if name in headers},
             planned_tokens=len(plan.tokens),
             api="messages",
+            prefill=parsed.messages[-1].content if parsed.messages[-1].role == "assistant" else None,
             input_tokens=usage.input_tokens,
             cache_creation_input_tokens=usage.cache_creation_input_tokens,
             cache_read_input_tokens=usage.cache_read_input_tokens,

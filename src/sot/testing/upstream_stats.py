@@ -55,7 +55,9 @@ class RequestRecord:
     completion_tokens: int = 0  # tokens sent so far (written to the connection)
     finish_reason: str | None = None
     api: str = "chat"  # "chat" (POST /v1/chat/completions) or "messages" (POST /v1/messages)
-    # Messages API only: the prompt tokens split by the prompt cache (see `sot.testing.upstream_cache`).
+    # Messages API only: the final assistant turn being continued (the prefill), and the prompt tokens split
+    # by the prompt cache (see `sot.testing.upstream_cache`).
+    prefill: str | None = None
     input_tokens: int | None = None
     cache_creation_input_tokens: int | None = None
     cache_read_input_tokens: int | None = None
