@@ -221,3 +221,13 @@ def test_cli_huge_and_brace_questions() -> None:
     assert "limit" in huge.stderr and "Traceback" not in huge.stderr
     braces = run_cli("ask", "--backend", "scripted", "What is {x}?\n1. {point}\n2. {question}")
     assert braces.returncode == 0 and "1. First idea" in braces.stdout
+
+
+async def test_the_request_body_is_plain_json_with_extra_fields_merged(upstream: str) -> None:
+    backend = OpenAIBackend("sot-test", base_url=upstream, api_key="test", extra_body={"repetition_penalty": 1.1})
+    engine = Engine(backend, EngineConfig())
+    await engine.run(QUESTION, "normal", session="conversation-7")
+    await backend.aclose()
+    record = (await settled(upstream))["requests"][-1]
+    assert record["headers"].get("x-sot-session") == "conversation-7"  # the routing key, as a header
+    assert record["kind"] == "full"
