@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 import socket
-from typing import Any
+import sys
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from sot.backends.base import Backend
 from sot.cli.options import backend_options, build_backend, build_engine, generation_options, handle_errors
+from sot.engine import Engine
 from sot.errors import ConfigError
-from sot.events import Mode
+
+if TYPE_CHECKING:
+    from sot.server import ServerSettings
 
 READY_PREFIX = "sot serve listening on "
 
@@ -53,7 +58,7 @@ def _router(name: str | None, backend: Any) -> Any:
     type=click.IntRange(1, 100_000),
     default=64,
     show_default=True,
-    help="Questions answered at once; beyond it requests get 429 with Retry-After.",
+    help="Questions answered at once by each worker; beyond it requests get 429 with Retry-After.",
 )
 @click.option("--retry-after", type=click.IntRange(1, 3600), default=1, show_default=True, help="Seconds, on a 429.")
 @click.option("--max-body-bytes", type=click.IntRange(1024), default=1_000_000, show_default=True)
@@ -80,7 +85,17 @@ def _router(name: str | None, backend: Any) -> Any:
     default="warning",
     show_default=True,
 )
-@click.option("--access-log/--no-access-log", default=False, help="Log every request.")
+@click.option("--access-log/--no-access-log", default=False, help="Log every request (uvicorn's plain text log).")
+@click.option(
+    "--access-log-json",
+    "access_log_json",
+    is_flag=False,
+    flag_value="-",
+    default=None,
+    metavar="[PATH]",
+    help="One JSON line per request (id, modes, points, fallback, upstream requests, tokens, times, status): "
+    "to stderr, or appended to PATH.",
+)
 @click.option(
     "--ping-seconds",
     type=click.FloatRange(0.1),
@@ -88,67 +103,139 @@ def _router(name: str | None, backend: Any) -> Any:
     show_default=True,
     help="SSE keep-alive comment interval, so proxies do not drop a stream while the skeleton is written.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=1,
+    show_default=True,
+    help="Worker processes on the one socket, each with its own event loop, upstream connections and "
+    "--max-concurrency. With -b local each worker loads its own copy of the model.",
+)
+@click.option(
+    "--routing-header",
+    default="X-SoT-Session",
+    show_default=True,
+    help="Header carrying one routing key on every upstream request of a question, for a sticky load balancer "
+    "(nginx 'hash $http_x_sot_session consistent'); clients may send it to keep a conversation on one "
+    "replica. 'none' sends no header.",
+)
+@click.option(
+    "--drain-seconds",
+    type=click.FloatRange(0.0),
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM: how long answers in flight may finish (new questions get 503) before they are cancelled.",
+)
+@click.option(
+    "--metrics/--no-metrics",
+    default=False,
+    help="Prometheus metrics at /metrics (behind --server-api-key when set).",
+)
 @backend_options
 @generation_options
 @handle_errors
-def serve(
-    host: str,
-    port: int,
-    default_mode: Mode,
-    router_name: str | None,
-    server_api_key: str | None,
-    max_concurrency: int,
-    retry_after: int,
-    max_body_bytes: int,
-    max_messages: int,
-    max_question_chars: int,
-    max_tokens_limit: int,
-    scripted_ttft: float,
-    scripted_token_delay: float,
-    log_level: str,
-    access_log: bool,
-    ping_seconds: float,
-    **params: Any,
-) -> None:
+def serve(**options: Any) -> None:
     """Serve SoT answers over an OpenAI-compatible API, and a page racing normal decoding against SoT.
 
     Point any OpenAI client at http://HOST:PORT/v1. Choose the mode per request with the model name
     ("sot:any", "normal:any", "auto:any"), the body field sot_mode, or the header X-SoT-Mode.
     """
-    import uvicorn
+    from sot.server.workers import WorkerSpec, run_workers, serve_app
 
-    from sot.server import ServerSettings, create_app
+    params = dict(options)
+    host, port, workers = params.pop("host"), params.pop("port"), params.pop("workers")
+    routing_header = params["routing_header"]
+    params["routing_header"] = None if routing_header.strip().lower() in ("", "none") else routing_header.strip()
+    settings = server_settings(params)
+    backend = make_backend(params)
+    if params["backend"] == "local" and workers > 1:
+        click.echo(
+            f"warning: --workers {workers} with the embedded model: every worker loads its own copy of the model "
+            f"({workers}x its memory, the CPU shared among {workers} decoders); one worker batches its questions",
+            err=True,
+        )
+    sock = bind(host, port)
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        click.echo(
+            f"warning: listening on {host} without --server-api-key: anyone who can reach it can use it", err=True
+        )
+    shown_host = f"[{host}]" if ":" in host else host
+    click.echo(
+        f"{READY_PREFIX}http://{shown_host}:{sock.getsockname()[1]} (backend {backend.name}, model {backend.model}, "
+        f"default mode {settings.default_mode}, {workers} worker{'s' if workers > 1 else ''})"
+    )
+    loop, http = event_loop_and_http()
+    spec = WorkerSpec(
+        build=worker_engine,
+        params=params,
+        settings=settings,
+        # Answers still open after the drain have been cancelled; their streams end within moments.
+        uvicorn={
+            "loop": loop,
+            "http": http,
+            "log_level": params["log_level"],
+            "access_log": params["access_log"],
+            "timeout_graceful_shutdown": 3,
+        },
+    )
+    if workers == 1:
+        serve_app(spec, sock, engine=engine_for(backend, params))
+        return
+    sys.exit(run_workers(spec, sock, workers))
 
-    def progress(message: str) -> None:
-        click.echo(message, err=True)
 
+def server_settings(params: dict[str, Any]) -> ServerSettings:
+    """The app's `ServerSettings` from the command's options."""
+    from sot.server import ServerSettings
+
+    return ServerSettings(
+        api_key=params["server_api_key"] or None,
+        default_mode=params["default_mode"],
+        max_concurrency=params["max_concurrency"],
+        retry_after=params["retry_after"],
+        max_body_bytes=params["max_body_bytes"],
+        max_messages=params["max_messages"],
+        max_question_chars=params["max_question_chars"],
+        max_tokens_limit=params["max_tokens_limit"],
+        ping_seconds=params["ping_seconds"],
+        metrics=params["metrics"],
+        routing_header=params["routing_header"],
+        drain_seconds=params["drain_seconds"],
+        access_log_json=params["access_log_json"],
+    )
+
+
+def make_backend(params: dict[str, Any]) -> Backend:
+    """The backend the options name, its upstream requests carrying the routing header."""
     if params["backend"] == "scripted":
         from sot.backends import create_backend
 
         # The test double, with its timing, so a real server process can be tested quickly.
-        backend = create_backend("scripted", ttft=scripted_ttft, token_delay=scripted_token_delay)
+        backend = create_backend("scripted", ttft=params["scripted_ttft"], token_delay=params["scripted_token_delay"])
     else:
-        backend = build_backend(params, progress=progress)
+        backend = build_backend(params, progress=lambda message: click.echo(message, err=True))
+    if hasattr(backend, "routing_header"):
+        backend.routing_header = params["routing_header"]
+    return backend
+
+
+def engine_for(backend: Backend, params: dict[str, Any]) -> Engine:
+    """The engine over `backend`; the embedded model is loaded first, so /health means ready."""
     load = getattr(backend, "load", None)
     if callable(load):
-        # Load the embedded model before listening, so /health means ready and no request pays for it.
         click.echo(f"loading {backend.name} model {backend.model}…", err=True)
         load()
-    engine = build_engine(backend, params, router=_router(router_name, backend))
-    settings = ServerSettings(
-        api_key=server_api_key or None,
-        default_mode=default_mode,
-        max_concurrency=max_concurrency,
-        retry_after=retry_after,
-        max_body_bytes=max_body_bytes,
-        max_messages=max_messages,
-        max_question_chars=max_question_chars,
-        max_tokens_limit=max_tokens_limit,
-        ping_seconds=ping_seconds,
-    )
-    app = create_app(lambda: engine, settings)
+    return build_engine(backend, params, router=_router(params["router_name"], backend))
 
-    # Bind here rather than in uvicorn so that --port 0 works and the real address is announced.
+
+def worker_engine(params: dict[str, Any]) -> Engine:
+    """A worker's own engine: its backend (connection pool, or model) built in the worker's process."""
+    return engine_for(make_backend(params), params)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here rather than in uvicorn so that --port 0 works, the real address is
+    announced, and every worker shares it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -157,27 +244,8 @@ def serve(
     except OSError as exc:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
     sock.listen(2048)
-    bound_port = sock.getsockname()[1]
-    shown_host = f"[{host}]" if ":" in host else host
-    if host not in ("127.0.0.1", "localhost", "::1") and not server_api_key:
-        click.echo(
-            f"warning: listening on {host} without --server-api-key: anyone who can reach it can use it", err=True
-        )
-    click.echo(
-        f"{READY_PREFIX}http://{shown_host}:{bound_port} "
-        f"(backend {backend.name}, model {backend.model}, default mode {default_mode})"
-    )
-    loop, http = event_loop_and_http()
-    config = uvicorn.Config(
-        app,
-        loop=loop,
-        http=http,
-        log_level=log_level,
-        access_log=access_log,
-        # Open streams are cancelled (and with them their upstream requests) shortly after a stop signal.
-        timeout_graceful_shutdown=3,
-    )
-    uvicorn.Server(config).run(sockets=[sock])
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

@@ -220,4 +220,5 @@ class Health(BaseModel):
     default_mode: SoTModeName
     auth: bool
     in_flight: int
-    max_concurrency: int
+    max_concurrency: int  # per worker
+    ready: bool = True  # false while the server drains before a restart (see /ready)

@@ -20,6 +20,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (429, "Too many questions in flight, or the upstream is rate limiting (see Retry-After)"),
         (500, "Server error"),
         (502, "The model upstream failed"),
+        (503, "The server is draining before a restart, or the model has no room now (see Retry-After)"),
         (504, "The model upstream timed out"),
     )
 }

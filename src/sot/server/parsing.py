@@ -40,6 +40,10 @@ class ServerSettings:
     max_question_chars: int = 32_000  # all messages' text together
     max_tokens_limit: int = 4096  # the largest max_tokens a request may ask for
     ping_seconds: float = 15.0  # SSE keep-alive comments, so proxies do not cut a long skeleton wait
+    metrics: bool = False  # Prometheus metrics at /metrics (behind the API key when there is one)
+    routing_header: str | None = "X-SoT-Session"  # also read from clients that name their conversation
+    drain_seconds: float = 30.0  # after SIGTERM: how long answers in flight may take before they are cancelled
+    access_log_json: str | None = None  # one JSON line per request: "-" (stderr) or a file to append to
 
 
 # -- the mode ----------------------------------------------------------------------------------------------

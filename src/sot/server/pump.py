@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -16,12 +16,19 @@ from sot.engine import Engine
 from sot.events import Accepted, Done, Event, Mode, Result
 from sot.server.admission import Lease
 from sot.server.errors import map_error
+from sot.server.observe import current_record
 
 _END = object()
 
 
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
+
+
+class Observer(Protocol):
+    """What sees every event of a run as it happens (the request's record)."""
+
+    def see(self, event: Event) -> None: ...
 
 
 class EventPump:
@@ -33,22 +40,44 @@ class EventPump:
     request of the question. The lease is released when the engine's work ends, however it ends.
     """
 
-    def __init__(self, engine: Engine, messages: list[Message], mode: Mode, lease: Lease) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        messages: list[Message],
+        mode: Mode,
+        lease: Lease,
+        *,
+        session: str | None = None,
+        observer: Observer | None = None,
+    ) -> None:
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
         self._finished = False
         self._error: BaseException | None = None
-        self._task = asyncio.create_task(self._run(engine, messages, mode))
+        self._observer = observer
+        self._task = asyncio.create_task(self._run(engine, messages, mode, session))
         self._task.add_done_callback(lambda _: lease.release())
 
-    async def _run(self, engine: Engine, messages: list[Message], mode: Mode) -> None:
+    async def _run(self, engine: Engine, messages: list[Message], mode: Mode, session: str | None) -> None:
         try:
-            async with contextlib.aclosing(engine.stream(messages, mode)) as events:
+            async with contextlib.aclosing(engine.stream(messages, mode, session=session)) as events:
                 async for event in events:
+                    if self._observer is not None:
+                        self._observer.see(event)
                     self._queue.put_nowait(event)
         except Exception as exc:  # handed to the reader, who decides the status
             self._queue.put_nowait(exc)
         else:
             self._queue.put_nowait(_END)
+
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        """Run `callback` once the engine's work has ended, however it ended."""
+        self._task.add_done_callback(lambda _: callback())
+
+    def abort(self, error: BaseException) -> None:
+        """Cancel the engine's work now; the reader gets `error` after the events already handed over."""
+        if not self._task.done():
+            self._task.cancel()
+            self._queue.put_nowait(error)
 
     async def next_batch(self) -> list[Event]:
         """Every event available now (waiting for at least one); [] after the last; raises what the engine
@@ -121,7 +150,9 @@ async def start_stream(request: Request, pump: EventPump, retry_after: int) -> l
         return Response(status_code=499)
     except Exception as exc:
         await pump.aclose()
-        raise map_error(exc, retry_after) from exc
+        error = map_error(exc, retry_after)
+        current_record().failed(error.code)
+        raise error from exc
 
 
 async def prime(pump: EventPump) -> list[Event]:

@@ -16,6 +16,7 @@ from sot.events import Done, ErrorEvent, Event, Result
 from sot.server.answer import AnswerText, StopFilter, sot_info, usage
 from sot.server.chunks import DONE, ChunkWriter, dumps, error_message, event_message
 from sot.server.errors import map_error
+from sot.server.observe import current_record
 from sot.server.parsing import ChatPlan
 from sot.server.pump import ClientGone, EventPump, batches, final_result, unless_disconnected
 
@@ -85,10 +86,13 @@ async def chat_chunks(primed: list[Event], pump: EventPump, plan: ChatPlan, retr
             if out:
                 yield out
             if relay.cut.hit:
+                current_record().stopped = True
                 break
     except Exception as exc:
         # Headers are out: report the failure in the stream, as OpenAI does (the SDK raises APIError).
-        yield error_message(map_error(exc, retry_after).body())
+        error = map_error(exc, retry_after)
+        current_record().failed(error.code)
+        yield error_message(error.body())
         return
     finally:
         await pump.aclose()
@@ -103,8 +107,11 @@ async def engine_events(primed: list[Event], pump: EventPump, retry_after: int) 
             last = batch[-1]
             yield b"".join(event_message(event) for event in batch)
     except Exception as exc:
-        if not isinstance(last, ErrorEvent):
+        if isinstance(last, ErrorEvent):
+            current_record().failed(last.kind)
+        else:
             error = map_error(exc, retry_after)
+            current_record().failed(error.code)
             yield event_message(ErrorEvent(error=error.message, kind=type(exc).__name__))
     finally:
         await pump.aclose()
@@ -128,7 +135,9 @@ async def complete(request: Request, pump: EventPump, plan: ChatPlan, retry_afte
     except ClientGone:
         return Response(status_code=499)
     except Exception as exc:
-        raise map_error(exc, retry_after) from exc
+        error = map_error(exc, retry_after)
+        current_record().failed(error.code)
+        raise error from exc
     finally:
         await pump.aclose()
     answer, finish = result.answer, result.finish_reason

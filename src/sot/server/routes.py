@@ -1,4 +1,5 @@
-"""The endpoints: the page, /health, the OpenAI API (/v1/models, /v1/chat/completions) and /v1/sot/stream.
+"""The endpoints: the page, /health (liveness), /ready (readiness), /metrics, the OpenAI API (/v1/models,
+/v1/chat/completions) and /v1/sot/stream.
 
 Handlers only connect the pieces: parse the request (`parsing`), take a slot (`admission`), start the engine
 (`pump`) and relay its events (`relay`)."""
@@ -11,8 +12,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import FileResponse, Response
 
+from sot.server.admission import draining_error
+from sot.server.chunks import dumps
 from sot.server.errors import ApiError
 from sot.server.middleware import require_key
+from sot.server.observe import current_record
 from sot.server.openai_schema import (
     ChatCompletionRequest,
     ErrorResponse,
@@ -25,6 +29,7 @@ from sot.server.openapi import CHAT_RESPONSES, ERROR_RESPONSES, EVENT_STREAM_RES
 from sot.server.parsing import MODES, RunPlan, chat_plan, events_plan
 from sot.server.pump import EventPump, start_stream
 from sot.server.relay import chat_chunks, complete, engine_events, sse_response
+from sot.server.routing import routing_key
 from sot.server.state import AppState, app_state
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -33,6 +38,7 @@ State = Annotated[AppState, Depends(app_state)]
 ModeHeader = Annotated[str | None, Header(description="sot, normal or auto")]
 
 router = APIRouter()
+metrics_router = APIRouter(dependencies=[Depends(require_key)])
 api = APIRouter(prefix="/v1", dependencies=[Depends(require_key)], responses=ERROR_RESPONSES)
 
 
@@ -43,6 +49,7 @@ async def page() -> FileResponse:
 
 @router.get("/health", response_model=Health, tags=["server"])
 async def health(state: State) -> Health:
+    """Liveness: the process answers (also while it drains; readiness is /ready)."""
     engine = state.get_engine()
     settings = state.settings
     return Health(
@@ -52,7 +59,26 @@ async def health(state: State) -> Health:
         auth=settings.api_key is not None,
         in_flight=state.gate.active,
         max_concurrency=settings.max_concurrency,
+        ready=not state.draining,
     )
+
+
+@router.get("/ready", include_in_schema=False)
+async def ready(state: State) -> Response:
+    """Readiness: 200 while the server takes questions, 503 once it drains before a restart."""
+    if state.draining:
+        headers = {"Retry-After": str(state.settings.retry_after)}
+        return Response(dumps({"status": "draining"}), 503, headers, media_type="application/json")
+    return Response(dumps({"status": "ready"}), media_type="application/json")
+
+
+@metrics_router.get("/metrics", include_in_schema=False)
+async def metrics(state: State) -> Response:
+    """Prometheus metrics (`--metrics`), in the text format."""
+    if state.metrics is None:
+        raise ApiError(404, "Metrics are off: start the server with --metrics.", code="not_found")
+    body, content_type = state.metrics.exposition()
+    return Response(body, headers={"Content-Type": content_type, "Cache-Control": "no-cache"})
 
 
 def model_cards(state: AppState) -> list[ModelCard]:
@@ -79,10 +105,25 @@ async def get_model(model_id: str, state: State) -> ModelCard:
     raise ApiError(404, f"The model {model_id!r} does not exist on this server.", param="model", code="model_not_found")
 
 
-def start(state: AppState, plan: RunPlan) -> EventPump:
-    """A slot for the question (or a 429), and the engine running it."""
-    lease = state.gate.enter()
-    return EventPump(plan.engine(state.get_engine()), plan.messages, plan.mode, lease)
+def start(state: AppState, plan: RunPlan, request: Request, user: str | None = None) -> EventPump:
+    """A slot for the question (or a 503 while draining, a 429 when full), and the engine running it with the
+    question's routing key."""
+    record = current_record()
+    record.question, record.mode_requested = True, plan.mode
+    if state.draining:
+        record.rejected = "draining"
+        raise draining_error(state.settings.retry_after)
+    try:
+        lease = state.gate.enter()
+    except ApiError:
+        record.rejected = "overloaded"
+        raise
+    key, _chosen = routing_key(request.headers, user, plan.messages, state.settings.routing_header)
+    record.routing_key = key
+    engine = plan.engine(state.get_engine())
+    pump = EventPump(engine, plan.messages, plan.mode, lease, session=key, observer=record)
+    state.track(pump)
+    return pump
 
 
 @api.post("/chat/completions", response_model=None, responses=CHAT_RESPONSES, tags=["openai"])
@@ -93,7 +134,8 @@ async def chat_completions(
     `X-SoT-Mode` header, else a model-name prefix (`sot:`, `normal:`, `auto:`), else the server default."""
     settings = state.settings
     plan = chat_plan(body, x_sot_mode, settings, served=state.get_engine().backend.model)
-    pump = start(state, plan)
+    current_record().stream = plan.stream
+    pump = start(state, plan, request, body.user)
     if not plan.stream:
         return await complete(request, pump, plan, settings.retry_after)
     primed = await start_stream(request, pump, settings.retry_after)
@@ -109,7 +151,8 @@ async def sot_stream(body: SoTStreamRequest, request: Request, state: State, x_s
     fallbacks, and the final result with its statistics. The web page is a view of this stream."""
     settings = state.settings
     plan = events_plan(body, x_sot_mode, settings)
-    pump = start(state, plan)
+    current_record().stream = True
+    pump = start(state, plan, request)
     primed = await start_stream(request, pump, settings.retry_after)
     if isinstance(primed, Response):
         return primed

@@ -1,4 +1,5 @@
-"""The state one app shares between its requests: settings, the admission gate, and the engine."""
+"""The state one app shares between its requests: settings, the admission gate, the engine, the questions in
+flight (to cancel when a drain runs out of time), and where finished requests are reported."""
 
 from __future__ import annotations
 
@@ -10,8 +11,13 @@ from fastapi import Request
 
 from sot.backends.base import Backend
 from sot.engine import Engine
+from sot.server.access_log import AccessLog
 from sot.server.admission import Gate
+from sot.server.metrics import Metrics
+from sot.server.observe import RequestRecord
 from sot.server.parsing import ServerSettings
+from sot.server.pump import EventPump
+from sot.server.routing import forward_request_ids
 
 EngineSource = Engine | Backend | Callable[[], Engine]
 
@@ -25,6 +31,10 @@ class AppState:
     gate: Gate
     started: int = field(default_factory=lambda: int(time.time()))
     engine: Engine | None = None
+    draining: bool = False  # after SIGTERM: not ready, no new questions
+    pumps: set[EventPump] = field(default_factory=set)
+    metrics: Metrics | None = None
+    access_log: AccessLog | None = None
 
     def get_engine(self) -> Engine:
         # Built on first use rather than only in the lifespan: ASGI test transports may skip the lifespan.
@@ -36,7 +46,20 @@ class AppState:
                 self.engine = Engine(source)
             else:
                 self.engine = source()
+            forward_request_ids(self.engine.backend)
         return self.engine
+
+    def track(self, pump: EventPump) -> None:
+        """Keep `pump` among the questions in flight until its engine work ends."""
+        self.pumps.add(pump)
+        pump.add_done_callback(lambda: self.pumps.discard(pump))
+
+    def finish(self, record: RequestRecord) -> None:
+        """A request is over: count it and log it."""
+        if self.metrics is not None:
+            self.metrics.observe(record)
+        if self.access_log is not None:
+            self.access_log.write(record)
 
 
 def app_state(request: Request) -> AppState:
