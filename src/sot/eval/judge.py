@@ -461,14 +461,14 @@ async def run_judging(
 
 async def _judge_one(judge: Judge, pair: _Pair) -> JudgementRecord:
     candidate, baseline = pair.candidate, pair.baseline
-    assert candidate.result is not None and baseline.result is not None
+    candidate_result, baseline_result = candidate.answered(), baseline.answered()
     prompt_id, prompt = judge.prompt_for(pair.criterion, candidate.category)
     base: dict[str, Any] = {
         "question_id": candidate.question_id,
         "category": candidate.category,
         "candidate": candidate.mode,
         "baseline": baseline.mode,
-        "candidate_mode_used": candidate.result.mode_used,
+        "candidate_mode_used": candidate_result.mode_used,
         "criterion": pair.criterion,
         "prompt": prompt_id,
         "judge_backend": judge.backend.name,
@@ -476,7 +476,7 @@ async def _judge_one(judge: Judge, pair: _Pair) -> JudgementRecord:
         "prompt_set": judge.prompts.name,
         "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    candidate_text, baseline_text = candidate.result.answer.strip(), baseline.result.answer.strip()
+    candidate_text, baseline_text = candidate_result.answer.strip(), baseline_result.answer.strip()
     if candidate_text == baseline_text:
         # The same text cannot win or lose against itself (SoT-R routed to normal decoding, greedy).
         return JudgementRecord(**base, verdict="tie", identical=True)

@@ -25,6 +25,10 @@ from sot.events import Mode, Result
 JudgeOrder = Literal["candidate_first", "baseline_first"]
 
 
+class MissingResultError(InputError):
+    """A failed answer record (it has no result) was used where an answer is needed."""
+
+
 class AnswerRecord(BaseModel):
     """One question answered in one mode, or the failure to answer it (`error` set, `result` None)."""
 
@@ -52,11 +56,16 @@ class AnswerRecord(BaseModel):
     def ok(self) -> bool:
         return self.error is None and self.result is not None
 
+    def answered(self) -> Result:
+        """The answer's result; `MissingResultError` for a failed answer, which has none."""
+        if self.result is None:
+            raise MissingResultError(f"{self.question_id}/{self.mode} has no result ({self.error or 'failed'})")
+        return self.result
+
     @property
     def seconds(self) -> float:
         """Latency of the answer as the engine measured it (includes routing in `auto` mode)."""
-        assert self.result is not None
-        return self.result.stats.total_seconds
+        return self.answered().stats.total_seconds
 
 
 class OrderJudgement(BaseModel):

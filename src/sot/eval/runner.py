@@ -27,7 +27,7 @@ from sot.backends.base import GenerationRequest, Message
 from sot.engine import Engine
 from sot.errors import ConfigError, InputError, SoTError
 from sot.eval.dataset import Question
-from sot.eval.records import AnswerRecord, RecordWriter, load_records
+from sot.eval.records import AnswerRecord, RecordFile, RecordWriter, load_records
 from sot.events import Mode
 
 MODES: tuple[Mode, ...] = get_args(Mode)
@@ -141,6 +141,21 @@ def plan(questions: Sequence[Question], modes: Sequence[Mode]) -> list[tuple[Que
     return [(q, m) for q in questions for m in modes]
 
 
+def check_resumable(existing: RecordFile[AnswerRecord], settings: dict[str, Any], modes: Sequence[Mode]) -> None:
+    """Raise `ConfigError` when the results file holds answers made with settings that differ from these."""
+    earlier = next(iter(existing.ok), None)  # the file is checked on every resume, so one record speaks for all
+    conflicts = settings_conflicts(earlier.settings, settings) if earlier is not None else []
+    # The router only shapes `auto` answers: a run may add them later, but with one router only.
+    earlier_auto = next((r for r in existing.ok if r.mode == "auto"), None)
+    if "auto" in modes and earlier_auto is not None and earlier_auto.settings.get("router") != settings["router"]:
+        conflicts.append("router")
+    if conflicts:
+        raise ConfigError(
+            f"{existing.path} holds answers made with different settings ({', '.join(conflicts)}); "
+            "resume with the same options or write to another --output"
+        )
+
+
 async def run_answers(
     engine: Engine,
     questions: Sequence[Question],
@@ -163,17 +178,7 @@ async def run_answers(
     path = Path(output)
     settings = engine_settings(engine, concurrency=concurrency, answer_timeout=answer_timeout)
     existing = load_records(path, AnswerRecord, missing_ok=True)
-    earlier = next(iter(existing.ok), None)  # the file is checked on every resume, so one record speaks for all
-    conflicts = settings_conflicts(earlier.settings, settings) if earlier is not None else []
-    # The router only shapes `auto` answers: a run may add them later, but with one router only.
-    earlier_auto = next((r for r in existing.ok if r.mode == "auto"), None)
-    if "auto" in modes and earlier_auto is not None and earlier_auto.settings.get("router") != settings["router"]:
-        conflicts.append("router")
-    if conflicts:
-        raise ConfigError(
-            f"{path} holds answers made with different settings ({', '.join(conflicts)}); "
-            "resume with the same options or write to another --output"
-        )
+    check_resumable(existing, settings, modes)
     done = {key for key, record in existing.records.items() if record.ok}
     jobs = plan(questions, modes)
     todo = [(q, m) for q, m in jobs if (q.id, m) not in done]
@@ -193,8 +198,7 @@ async def run_answers(
             async with limit:
                 record = await _answer_one(engine, question, mode, settings, answer_timeout)
             writer.write(record)  # synchronous: records never interleave, and each is flushed at once
-            if record.ok:
-                assert record.result is not None
+            if record.ok and record.result is not None:
                 summary.answered += 1
                 summary.truncated += not record.result.complete
                 summary.fallbacks += record.result.fallback_reason is not None
