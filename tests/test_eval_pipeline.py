@@ -23,9 +23,7 @@ from sot.eval.judge import (
     DEFAULT_PROMPTS,
     LLMZOO_METRICS,
     Judge,
-    JudgeSettings,
     load_judge_prompts,
-    render_judge_messages,
     run_judging,
 )
 from sot.eval.records import AnswerRecord, JudgementRecord, load_records
@@ -33,16 +31,30 @@ from sot.eval.report import summarize, write_report
 from sot.eval.runner import parse_modes, run_answers
 from sot.events import Mode, Result
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-VICUNA = SHARED / "data" / "vicuna80.jsonl"
-FASTCHAT_PROMPTS = SHARED / "reference" / "fastchat_judge_prompts.jsonl"
-
 QUESTIONS = [
     Question("g1", "How can I improve my time management skills?", "generic", True),
     Question("g2", "What are the most effective ways to deal with stress?", "generic", True),
     Question("c1", "Write a C++ program to count lines in a {file}.", "coding", False),
     Question("m1", "Solve for x in the equation 3x + 10 = 5(x - 2).", "math", False),
 ]
+# A few more for the command line: three categories, two questions each.
+MORE = [
+    Question("g3", "What are the benefits of reading every day?", "generic", True),
+    Question("c2", "Implement binary search in Python.", "coding", False),
+]
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    """A small dataset file (the command line reads a file; named datasets are tested in test_datasets.py)."""
+    path = tmp_path / "data" / "questions.jsonl"
+    path.parent.mkdir()
+    rows = [
+        {"id": q.id, "category": q.category, "question": q.question, "sot_suitable": q.sot_suitable}
+        for q in [*QUESTIONS, *MORE]
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 def varied_responder(request: GenerationRequest) -> str:
@@ -62,13 +74,6 @@ def lines_of(path: Path) -> list[dict[str, Any]]:
 
 
 # -- datasets ------------------------------------------------------------------------------------------
-
-
-def test_vicuna80_loads() -> None:
-    questions = load_dataset(VICUNA)
-    assert len(questions) == 80
-    assert len({q.category for q in questions}) == 9
-    assert sum(q.sot_suitable is True for q in questions) == 37
 
 
 @pytest.mark.parametrize(
@@ -92,16 +97,17 @@ def test_dataset_errors_name_the_line(text: str, message: str) -> None:
         parse_dataset(text.splitlines(), source="<t>")
 
 
-def test_dataset_defaults_and_selection(tmp_path: Path) -> None:
+def test_dataset_defaults_and_selection(tmp_path: Path, dataset: Path) -> None:
     questions = parse_dataset(['{"question": " Why? "}', '{"id": 7, "question": "How?", "category": "x"}'])
     assert questions[0] == Question(question_id("Why?"), "Why?", "uncategorized", None)
     assert questions[1].id == "7" and questions[1].category == "x"
     assert question_id("Why?") == question_id("Why?")  # stable across runs: resume finds it again
-    vicuna = load_dataset(VICUNA)
-    assert [q.id for q in select(vicuna, per_category=1, limit=3)] == ["vicuna-01", "vicuna-11", "vicuna-21"]
-    assert {q.category for q in select(vicuna, categories=["math"])} == {"math"}
+    questions = load_dataset(dataset)
+    assert [q.id for q in select(questions, per_category=1, limit=3)] == ["g1", "c1", "m1"]
+    assert {q.category for q in select(questions, categories=["math"])} == {"math"}
+    assert [q.id for q in select(questions, ids=["c2", "g1"])] == ["g1", "c2"]  # dataset order
     with pytest.raises(DatasetError, match="unknown question id"):
-        select(vicuna, ids=["nope"])
+        select(questions, ids=["nope"])
     with pytest.raises(DatasetError, match="no such dataset file"):
         load_dataset(tmp_path / "missing.jsonl")
 
@@ -325,35 +331,6 @@ async def test_judge_failures_are_retried_and_judge_must_not_change(tmp_path: Pa
         await run_judging(other, answers, out)
 
 
-async def test_fastchat_prompts_by_category_and_braces_stay_literal(tmp_path: Path) -> None:
-    prompts = load_judge_prompts(FASTCHAT_PROMPTS)
-    assert set(prompts.prompts) == {"general", "coding", "math"}
-    assert prompts.prompts["math"].score_position == "end"  # it asks for a Python tuple at the end
-    assert prompts.prompts["general"].score_position == "first_line"
-    assert prompts.for_category("roleplay").name == "general"
-
-    messages = render_judge_messages(prompts.prompts["coding"], "Count {answer_2} in {x}", "A {prompt}", "B")
-    assert messages[0].role == "system" and "precise assistant" in messages[0].content
-    user = messages[1].content
-    assert "Count {answer_2} in {x}" in user and "A {prompt}" in user  # substituted once, literally
-    assert "evaluate the coding abilities" in user
-
-    results = await answered(tmp_path, ["normal", "sot"])
-    backend = ScriptedBackend(
-        lambda r: "I solved it myself ... so (7, 3)" if "tuple" in r.messages[-1].content else "6 6"
-    )
-    judge = Judge(backend, prompts, JudgeSettings(max_tokens=16, long_max_tokens=300))
-    await run_judging(judge, load_records(results, AnswerRecord), tmp_path / "j.jsonl")
-    records = {r.question_id: r for r in load_records(tmp_path / "j.jsonl", JudgementRecord)}
-    assert records["c1"].prompt == "fastchat_judge_prompts.jsonl/coding"
-    assert records["m1"].prompt == "fastchat_judge_prompts.jsonl/math"
-    assert records["m1"].orders[0].scores == (7.0, 3.0) and records["m1"].verdict == "tie"  # 7>3 then 7>3: disagree
-    assert records["g1"].verdict == "tie"
-    budgets = {r.sampling.max_tokens for r in backend.requests}
-    assert budgets == {16, 300}
-    assert {r.prefill for r in backend.requests} == {""}  # FastChat's prompts are used as published
-
-
 async def test_llmzoo_criteria(tmp_path: Path) -> None:
     results = await answered(tmp_path, ["normal", "sot"])
     backend = ScriptedBackend(prefers_longer)
@@ -412,47 +389,49 @@ async def test_report_files_and_numbers(tmp_path: Path) -> None:
 # -- the command line ----------------------------------------------------------------------------------
 
 
-def test_cli_run_judge_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_run_judge_report(tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("SOT_BACKEND", raising=False)
     runner = CliRunner()
     common = ["--backend", "scripted"]
     result = runner.invoke(
-        eval_group, ["run", str(VICUNA), "--modes", "normal,sot", "--per-category", "1", "-j", "2", *common]
+        eval_group, ["run", str(dataset), "--modes", "normal,sot", "--per-category", "1", "-j", "2", *common]
     )
     assert result.exit_code == 0, result.output
-    results = tmp_path / "vicuna80.results.jsonl"
-    assert len(lines_of(results)) == 18
-    assert "18 answered, 0 failed" in result.output
+    results = tmp_path / "questions.results.jsonl"
+    assert len(lines_of(results)) == 6
+    assert "6 answered, 0 failed" in result.output
 
-    result = runner.invoke(eval_group, ["run", str(VICUNA), "--modes", "normal,sot", "--per-category", "1", *common])
-    assert result.exit_code == 0 and "resuming: 18 of 18" in result.output
+    result = runner.invoke(eval_group, ["run", str(dataset), "--modes", "normal,sot", "--per-category", "1", *common])
+    assert result.exit_code == 0 and "resuming: 6 of 6" in result.output
 
-    result = runner.invoke(eval_group, ["judge", str(results), "--judge-prompts", str(FASTCHAT_PROMPTS), *common])
+    result = runner.invoke(eval_group, ["judge", str(results), *common])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "vicuna80.judgements.jsonl").exists()
+    assert (tmp_path / "questions.judgements.jsonl").exists()
 
     result = runner.invoke(eval_group, ["report", str(results), "--note", "Reproduce: sot eval run ..."])
     assert result.exit_code == 0, result.output
     assert "SoT speed-up" in result.output
-    report = tmp_path / "vicuna80-report"
+    report = tmp_path / "questions-report"
     assert "\nReproduce: sot eval run ...\n" in (report / "report.md").read_text()
     assert (report / "summary.json").exists()
-    assert json.loads((report / "summary.json").read_text())["judgements_file"].endswith("vicuna80.judgements.jsonl")
+    assert json.loads((report / "summary.json").read_text())["judgements_file"].endswith("questions.judgements.jsonl")
 
 
-def test_cli_errors_are_one_line(tmp_path: Path) -> None:
+def test_cli_errors_are_one_line(tmp_path: Path, dataset: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "fine"}\n{"question": 3}\n')
     runner = CliRunner()
     result = runner.invoke(eval_group, ["run", str(bad), "--backend", "scripted", "-o", str(tmp_path / "x.jsonl")])
     assert result.exit_code == 1
     assert "bad.jsonl:2: 'question' must be a non-empty string" in result.output
-    result = runner.invoke(eval_group, ["run", str(VICUNA), "--backend", "scripted", "--modes", "turbo"])
+    result = runner.invoke(eval_group, ["run", str(dataset), "--backend", "scripted", "--modes", "turbo"])
     assert result.exit_code == 2 and "unknown mode 'turbo'" in result.output
 
 
-def test_cli_run_reports_failures_with_exit_code(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_run_reports_failures_with_exit_code(
+    tmp_path: Path, dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def refused(request: GenerationRequest) -> str:
         if "stress" in request.messages[-1].content:
             raise BackendConnectionError("connection refused")
@@ -463,11 +442,11 @@ def test_cli_run_reports_failures_with_exit_code(tmp_path: Path, monkeypatch: py
     monkeypatch.setattr(cmd, "build_backend", lambda params, progress=None: ScriptedBackend(refused))
     result = CliRunner().invoke(
         eval_group,
-        ["run", str(VICUNA), "--ids", "vicuna-01,vicuna-02", "-o", str(tmp_path / "r.jsonl"), "--backend", "scripted"],
+        ["run", str(dataset), "--ids", "g1,g2", "-o", str(tmp_path / "r.jsonl"), "--backend", "scripted"],
     )
     assert result.exit_code == 1
     assert "2 answer(s) failed" in result.output
-    assert "BackendConnectionError x2 (vicuna-02/normal, vicuna-02/sot): connection refused" in result.output
+    assert "BackendConnectionError x2 (g2/normal, g2/sot): connection refused" in result.output
 
 
 def test_event_loop_is_not_left_running() -> None:
@@ -476,9 +455,9 @@ def test_event_loop_is_not_left_running() -> None:
         asyncio.get_running_loop()
 
 
-def test_cli_auto_mode_uses_the_named_router(tmp_path: Path) -> None:
+def test_cli_auto_mode_uses_the_named_router(tmp_path: Path, dataset: Path) -> None:
     out = tmp_path / "r.results.jsonl"
-    args = ["run", str(VICUNA), "--ids", "vicuna-01,vicuna-61", "--modes", "normal,auto", "--router", "heuristic"]
+    args = ["run", str(dataset), "--ids", "g1,c1", "--modes", "normal,auto", "--router", "heuristic"]
     result = CliRunner().invoke(eval_group, [*args, "-o", str(out), "--backend", "scripted"])
     assert result.exit_code == 0, result.output
     routes = {r["question_id"]: r["result"]["route"] for r in lines_of(out) if r["mode"] == "auto"}
@@ -508,12 +487,12 @@ def test_custom_judge_prompt_files(tmp_path: Path) -> None:
         load_judge_prompts(tmp_path / "missing.jsonl")
 
 
-def test_cli_against_an_openai_compatible_endpoint(upstream: str, tmp_path: Path) -> None:
+def test_cli_against_an_openai_compatible_endpoint(upstream: str, tmp_path: Path, dataset: Path) -> None:
     """The same three commands through the real `openai` client and a real local server process."""
     endpoint = ["--backend", "openai", "--base-url", upstream, "--model", "test-model", "--api-key", "test"]
     results = tmp_path / "api.results.jsonl"
     runner = CliRunner()
-    args = ["run", str(VICUNA), "--ids", "vicuna-01,vicuna-02,vicuna-61", "--modes", "normal,sot", "-j", "3"]
+    args = ["run", str(dataset), "--ids", "g1,g2,c1", "--modes", "normal,sot", "-j", "3"]
     outcome = runner.invoke(eval_group, [*args, "-o", str(results), *endpoint])
     assert outcome.exit_code == 0, outcome.output
     answers = lines_of(results)
@@ -531,3 +510,19 @@ def test_cli_against_an_openai_compatible_endpoint(upstream: str, tmp_path: Path
     assert outcome.exit_code == 0, outcome.output
     summary = json.loads((tmp_path / "api-report" / "summary.json").read_text())
     assert summary["backend"] == "openai" and summary["quality"]["overall"]["sot"]["overall"]["unparsable"] == 3
+
+
+def test_cli_run_defaults_to_the_named_vicuna80(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_datasets import seed_cache, synthetic_sources
+
+    cache = tmp_path / "cache"
+    for name, value in seed_cache(cache, synthetic_sources()).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SOT_DATASETS_DIR", str(cache))
+    for repo in ("SOT", "FASTCHAT"):
+        monkeypatch.setenv(f"SOT_DATASETS_{repo}_URL", "http://127.0.0.1:9/")  # nothing listens: cache only
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(eval_group, ["run", "--backend", "scripted", "--modes", "normal"])
+    assert result.exit_code == 0, result.output
+    answers = lines_of(tmp_path / "vicuna80.results.jsonl")
+    assert [r["question_id"] for r in answers] == ["vicuna-01", "vicuna-02", "vicuna-03"]

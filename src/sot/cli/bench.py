@@ -162,15 +162,7 @@ def bench(
         raise click.BadParameter("--replay runs against the bundled test upstream", param_hint="--replay")
     pacing = {"ttft": upstream_ttft, "tokens_per_second": upstream_tokens_per_second}
     if upstream:
-        from sot.testing.process import running_test_upstream
-
-        with running_test_upstream(**pacing, replay=replay) as base_url:
-            params = {**params, "backend": "openai", "base_url": base_url, "model": "sot-test", "api_key": "test"}
-            console.print(
-                f"[dim]test upstream at {base_url}: ttft {upstream_ttft:g} s, {upstream_tokens_per_second:g} "
-                f"tokens/s per request{f', replaying {replay}' if replay else ''}[/dim]"
-            )
-            payload = asyncio.run(_bench(console, questions, params, repeat))
+        payload = _bench_upstream(console, questions, params, repeat, pacing, replay)
     else:
         payload = asyncio.run(_bench(console, questions, params, repeat))
     payload["settings"] = {
@@ -181,6 +173,26 @@ def bench(
     if output is not None:
         output.write_text(json.dumps(payload, indent=2))
         console.print(f"[dim]wrote {output}[/dim]")
+
+
+def _bench_upstream(
+    console: Console,
+    questions: list[dict[str, Any]],
+    params: dict[str, Any],
+    repeats: int,
+    pacing: dict[str, float],
+    replay: Path | None,
+) -> dict[str, Any]:
+    """The benchmark against the bundled test upstream, started for it with this pacing (and replay file)."""
+    from sot.testing.process import running_test_upstream
+
+    with running_test_upstream(**pacing, replay=replay) as base_url:
+        params = {**params, "backend": "openai", "base_url": base_url, "model": "sot-test", "api_key": "test"}
+        console.print(
+            f"[dim]test upstream at {base_url}: ttft {pacing['ttft']:g} s, {pacing['tokens_per_second']:g} "
+            f"tokens/s per request{f', replaying {replay}' if replay else ''}[/dim]"
+        )
+        return asyncio.run(_bench(console, questions, params, repeats))
 
 
 def _load_check(console: Console, output: Path | None, **settings: Any) -> None:

@@ -27,7 +27,8 @@ from rich.progress import (
 from sot.backends import Backend
 from sot.cli.options import backend_options, build_backend, build_engine, generation_options, handle_errors
 from sot.errors import ConfigError
-from sot.eval.dataset import load_dataset, select
+from sot.eval.dataset import Question, select
+from sot.eval.datasets import dataset_stem, open_dataset
 from sot.eval.judge import LLMZOO_METRICS, OVERALL, Judge, JudgeSettings, load_judge_prompts, run_judging
 from sot.eval.records import AnswerRecord, load_records
 from sot.eval.report import headline, write_report
@@ -119,7 +120,7 @@ def eval_group() -> None:
     """Does SoT pay off, and where? Answer a dataset in several modes, judge the answers, report by category.
 
     \b
-    sot eval run DATASET.jsonl --modes normal,sot,auto     answers -> DATASET.results.jsonl (resumable)
+    sot eval run [DATASET] --modes normal,sot,auto         answers -> DATASET.results.jsonl (resumable)
     sot eval judge DATASET.results.jsonl                   judge SoT / SoT-R against normal answers
     sot eval report DATASET.results.jsonl                  report.md, charts and summary.json
     """
@@ -128,8 +129,24 @@ def eval_group() -> None:
 # -- run -------------------------------------------------------------------------------------------------
 
 
+def _questions(
+    dataset: str, *, ids: str | None, categories: str | None, limit: int | None, per_category: int | None
+) -> list[Question]:
+    """The dataset's questions (named or a file) after the command's filters; an error when none is left."""
+    questions = select(
+        open_dataset(dataset),
+        ids=_split(ids),
+        categories=_split(categories),
+        limit=limit,
+        per_category=per_category,
+    )
+    if not questions:
+        raise ConfigError("no questions left after --ids / --categories / --limit")
+    return questions
+
+
 @eval_group.command("run")
-@click.argument("dataset", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("dataset", default="vicuna80", required=False)
 @click.option(
     "--output",
     "-o",
@@ -164,7 +181,7 @@ def eval_group() -> None:
 @generation_options
 @handle_errors
 def run_cmd(
-    dataset: Path,
+    dataset: str,
     output: Path | None,
     modes: str,
     router_name: str | None,
@@ -177,22 +194,15 @@ def run_cmd(
     warmup: bool,
     **params: Any,
 ) -> None:
-    """Answer every question of DATASET (JSONL) in every mode, appending one record per answer.
+    """Answer every question of DATASET in every mode, appending one record per answer.
 
-    Run the same command again to resume: answers already in the results file are skipped, failed ones
-    are retried.
+    DATASET is a JSONL file or a named dataset (vicuna80, the default, or lima), fetched once into the
+    user's cache. Run the same command again to resume: answers already in the results file are skipped,
+    failed ones are retried.
     """
     chosen_modes = parse_modes(modes)
-    questions = select(
-        load_dataset(dataset),
-        ids=_split(ids),
-        categories=_split(categories),
-        limit=limit,
-        per_category=per_category,
-    )
-    if not questions:
-        raise ConfigError("no questions left after --ids / --categories / --limit")
-    output = output or Path.cwd() / (dataset.stem + RESULTS_SUFFIX)
+    questions = _questions(dataset, ids=ids, categories=categories, limit=limit, per_category=per_category)
+    output = output or Path.cwd() / (dataset_stem(dataset) + RESULTS_SUFFIX)
     err = Console(stderr=True, soft_wrap=True)
     backend = build_backend(params, progress=lambda msg: err.print(f"[dim]{msg}[/dim]"))
     router = None
@@ -230,9 +240,14 @@ def run_cmd(
         f"{summary.answered} answered, {len(summary.failed)} failed, {summary.already_done} already done "
         f"({summary.truncated} truncated, {summary.fallbacks} fell back to normal) in {summary.seconds:.0f} s"
     )
-    if summary.failed:
-        err.print(f"[red]{len(summary.failed)} answer(s) failed[/red] (run again to retry them):")
-        for line in summary.failure_lines():
+    _exit_on_failures(err, summary.failed, summary.failure_lines(), "answer(s)")
+
+
+def _exit_on_failures(err: Console, failed: list[Any], lines: list[str], unit: str) -> None:
+    """List the failures of a stage by kind and exit 1 (a rerun retries them); nothing when none failed."""
+    if failed:
+        err.print(f"[red]{len(failed)} {unit} failed[/red] (run again to retry them):")
+        for line in lines:
             err.print(f"  {line}", highlight=False, markup=False)
         sys.exit(1)
 
@@ -356,6 +371,11 @@ def judge_cmd(
             on_record=on_record,
         ),
     )
+    _judging_done(err, summary, output)
+
+
+def _judging_done(err: Console, summary: Any, output: Path) -> None:
+    """What a judging run did, the pairs it skipped, and exit 1 when judgements failed."""
     err.print(
         f"{summary.judged} pair(s) judged ({summary.unparsable} unparsable, {summary.identical} identical), "
         f"{len(summary.failed)} failed, {summary.already_done} already done, in {summary.seconds:.0f} s -> {output}"
@@ -363,11 +383,7 @@ def judge_cmd(
     if summary.missing:
         shown = ", ".join(f"{q}/{m}" for q, m in summary.missing[:8])
         err.print(f"[yellow]{len(summary.missing)} pair(s) lack a successful answer and were skipped[/yellow]: {shown}")
-    if summary.failed:
-        err.print(f"[red]{len(summary.failed)} judgement(s) failed[/red] (run again to retry them):")
-        for line in summary.failure_lines():
-            err.print(f"  {line}", highlight=False, markup=False)
-        sys.exit(1)
+    _exit_on_failures(err, summary.failed, summary.failure_lines(), "judgement(s)")
 
 
 # -- report ----------------------------------------------------------------------------------------------

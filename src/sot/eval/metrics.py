@@ -6,7 +6,8 @@ Conventions:
 - speed-up of one question = normal latency / candidate latency (> 1 means the candidate was faster);
   aggregated by median and by geometric mean (the mean of ratios that treats x2 and x0.5 symmetrically).
 - equal-length speed-up = the time normal decoding took to produce as many tokens as the candidate's answer
-  has, / the candidate's latency. It separates "SoT is faster" from "SoT wrote less".
+  has, / the candidate's latency. It separates "SoT is faster" from "SoT wrote less". Defined once, in
+  `sot.eval.equal_length` (per-chunk timestamps, no extrapolation past the normal answer's end).
 - one judged order gives the candidate `win` / `tie` / `lose` by comparing the two scores; an order whose
   reply could not be parsed is `unparsable`.
 - a pair (both orders) is a win or a loss only when both orders agree; any disagreement (win + tie,
@@ -59,24 +60,6 @@ def median(values: Iterable[float]) -> float | None:
     """The median; None for no values."""
     items = list(values)
     return statistics.median(items) if items else None
-
-
-def time_to_tokens(token_times: Sequence[float], total_seconds: float, total_tokens: int, tokens: int) -> float:
-    """When a normal answer had produced `tokens` tokens.
-
-    Read from its per-token timestamps when it got that far; when it stopped short, extrapolated at its own
-    average pace (total time / tokens), because it never produced that many.
-
-    >>> time_to_tokens([0.5, 1.0, 1.5], 1.6, 3, 2)
-    1.0
-    >>> time_to_tokens([0.5, 1.0], 1.0, 2, 4)
-    2.0
-    """
-    if tokens <= 0:
-        return 0.0
-    if tokens <= len(token_times):
-        return token_times[tokens - 1]
-    return total_seconds * tokens / max(1, total_tokens)
 
 
 @dataclass(frozen=True)

@@ -48,17 +48,35 @@ def figures(data: dict[str, Any], category: str | None) -> dict[str, Any]:
     return data["overall"] if category in (None, "overall") else data["by_category"].get(category, {})
 
 
+def _ci(interval: dict[str, Any] | None) -> str:
+    """ " (95% CI ×1.90–×2.50)" for a bootstrap interval; "" without one."""
+    if not interval:
+        return ""
+    return f" (95% CI {_x(interval['low'])}–{_x(interval['high'])})"
+
+
+def _speed_line(candidate: str, data: dict[str, Any], equal: dict[str, Any]) -> str:
+    o, eq = data["overall"], equal.get("overall", {})
+    spread, eq_spread = data.get("overall_interval") or {}, equal.get("overall_interval") or {}
+    too_short = equal.get("too_short", 0)
+    excluded = (
+        f"; {too_short} question(s) whose normal answer is shorter than the candidate's are not compared"
+        if too_short
+        else ""
+    )
+    return (
+        f"- **{LABELS[candidate]} speed-up** over normal decoding: median {_x(o['median'])}, geometric mean "
+        f"{_x(o['geomean'])}{_ci(spread.get('geomean'))} over {o['n']} questions (range {_x(o['min'])}–"
+        f"{_x(o['max'])}); at equal answer length: geometric mean {_x(eq.get('geomean'))}"
+        f"{_ci(eq_spread.get('geomean'))} over {eq.get('n', 0)} questions{excluded}."
+    )
+
+
 def headline(summary: Summary) -> list[str]:
     """The few sentences a reader needs: speed-up, judged quality, routing."""
     lines: list[str] = []
     for candidate, data in summary["speedup"].items():
-        o = data["overall"]
-        eq = summary["equal_length_speedup"].get(candidate, {}).get("overall", {})
-        lines.append(
-            f"- **{LABELS[candidate]} speed-up** over normal decoding: median {_x(o['median'])}, geometric mean "
-            f"{_x(o['geomean'])} over {o['n']} questions (range {_x(o['min'])}–{_x(o['max'])}); at equal answer "
-            f"length: geometric mean {_x(eq.get('geomean'))}."
-        )
+        lines.append(_speed_line(candidate, data, summary["equal_length_speedup"].get(candidate, {})))
     tokens = summary["completion_tokens"]
     if "normal" in tokens and "sot" in tokens:
         lines.append(
@@ -118,7 +136,10 @@ def _speed_section(summary: Summary, charts: dict[str, str]) -> list[str]:
     out.append(
         "Speed-up of a question = normal latency / candidate latency (end-to-end, as the engine measured "
         "it). *Equal length* compares with the time normal decoding took to write as many tokens as the "
-        "candidate's answer has: it separates being faster from writing less."
+        "candidate's answer has: it separates being faster from writing less. A question whose normal answer "
+        "is shorter than the candidate's has no equal-length figure (normal decoding never wrote that much), "
+        "so the equal-length columns cover fewer questions where the headline says so. Confidence intervals "
+        "are 95% percentile-bootstrap intervals over questions (seeded)."
     )
     out.append("")
     header = ["category", "n"]

@@ -1,9 +1,11 @@
 """Every figure of an evaluation report, as one JSON-ready dict computed from the records (this is summary.json).
 
 `summarize` is a pure function of a results file (and a judgements file): speed-ups by category (plain and
-at equal length), latency and answer length by mode, where a skeleton answer's time goes, router decisions
-against the labels, and judged quality. The Markdown report (`sot.eval.report_markdown`) and the charts
-(`sot.eval.report_charts`) only format what it returns. It runs no model.
+at equal length, `sot.eval.equal_length`, the definition `sot bench` uses too; questions whose normal answer
+is shorter than the candidate's are counted, not compared) with 95% bootstrap intervals over questions
+(`sot.eval.spread`), latency and answer length by mode, where a skeleton answer's time goes, router
+decisions against the labels, and judged quality. The Markdown report (`sot.eval.report_markdown`) and the
+charts (`sot.eval.report_charts`) only format what it returns. It runs no model.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sot import __version__
+from sot.eval.equal_length import Timeline, equal_length_speedup
 from sot.eval.judge import LLMZOO_METRICS, OVERALL
 from sot.eval.metrics import (
     Distribution,
@@ -20,16 +23,22 @@ from sot.eval.metrics import (
     by_category,
     routes_by_category,
     speedup,
-    time_to_tokens,
     verdicts_by_category,
 )
 from sot.eval.records import AnswerRecord, JudgementRecord, RecordFile
 from sot.eval.runner import MODES
+from sot.eval.spread import bootstrap_settings, intervals
+from sot.events import Stats
 
 LABELS = {"normal": "normal", "sot": "SoT", "auto": "SoT-R"}
 CANDIDATE_MODES = ("sot", "auto")
 
 Answers = dict[tuple[str, str], AnswerRecord]
+
+
+def equal_length_row(normal: Stats, candidate: Stats) -> float | None:
+    """A question's equal-length speed-up from both answers' stats (None: the normal answer is shorter)."""
+    return equal_length_speedup(Timeline.from_stats(normal), candidate.completion_tokens, candidate.total_seconds)
 
 
 def _per_question(answers: Answers, candidate: str) -> list[dict[str, Any]]:
@@ -43,9 +52,6 @@ def _per_question(answers: Answers, candidate: str) -> list[dict[str, Any]]:
         n_stats, c_stats = normal.result.stats, record.result.stats
         if n_stats.total_seconds <= 0 or c_stats.total_seconds <= 0:
             continue
-        equal = time_to_tokens(
-            n_stats.token_times, n_stats.total_seconds, n_stats.completion_tokens, c_stats.completion_tokens
-        )
         rows.append(
             {
                 "question_id": qid,
@@ -55,7 +61,7 @@ def _per_question(answers: Answers, candidate: str) -> list[dict[str, Any]]:
                 "speedup": speedup(n_stats.total_seconds, c_stats.total_seconds),
                 "normal_tokens": n_stats.completion_tokens,
                 "candidate_tokens": c_stats.completion_tokens,
-                "equal_length_speedup": equal / c_stats.total_seconds if equal > 0 else None,
+                "equal_length_speedup": equal_length_row(n_stats, c_stats),
                 "candidate_mode_used": record.result.mode_used,
             }
         )
@@ -168,12 +174,31 @@ def _speed(ok: Answers, modes: list[str]) -> dict[str, Any]:
             continue
         rows = _per_question(ok, candidate)
         per_question[candidate] = rows
+        compared = [r for r in rows if r["equal_length_speedup"] is not None]
+        spread = intervals(
+            {
+                "speedup": [(r["question_id"], r["speedup"]) for r in rows],
+                "equal": [(r["question_id"], r["equal_length_speedup"]) for r in compared],
+            }
+        )
         table, overall = by_category((r["category"], r["speedup"]) for r in rows)
         speed[candidate] = {"by_category": as_dicts(table), "overall": overall.as_dict()}
-        eq_rows = [(r["category"], r["equal_length_speedup"]) for r in rows if r["equal_length_speedup"]]
-        table, overall = by_category(eq_rows)
+        speed[candidate]["overall_interval"] = _interval_dicts(spread["speedup"])
+        table, overall = by_category((r["category"], r["equal_length_speedup"]) for r in compared)
         equal[candidate] = {"by_category": as_dicts(table), "overall": overall.as_dict()}
-    return {"speedup": speed, "equal_length_speedup": equal, "per_question": per_question}
+        equal[candidate]["overall_interval"] = _interval_dicts(spread["equal"])
+        # Questions whose normal answer is shorter than the candidate's: counted, never extrapolated.
+        equal[candidate]["too_short"] = len(rows) - len(compared)
+    return {
+        "speedup": speed,
+        "equal_length_speedup": equal,
+        "per_question": per_question,
+        "bootstrap": bootstrap_settings(),
+    }
+
+
+def _interval_dicts(by_statistic: dict[str, Any]) -> dict[str, Any]:
+    return {stat: None if interval is None else interval.as_dict() for stat, interval in by_statistic.items()}
 
 
 def _latency_and_tokens(ok: Answers, modes: list[str]) -> dict[str, Any]:
@@ -218,6 +243,7 @@ def summarize(
     speed = _speed(ok, modes)
     summary["speedup"] = speed["speedup"]
     summary["equal_length_speedup"] = speed["equal_length_speedup"]
+    summary["bootstrap"] = speed["bootstrap"]
     summary.update(_latency_and_tokens(ok, modes))
     summary["sot_anatomy"] = {
         m: _anatomy([r for r in ok.values() if r.mode == m]) for m in CANDIDATE_MODES if m in modes
