@@ -273,3 +273,21 @@ def test_sot_bench_with_the_anthropic_backend(upstream_factory: Callable[..., st
     assert payload["summary"]["speedup_median"] > 1.3
     assert payload["summary"]["parallel_efficiency_median"] >= 0.9
     assert {r["api"] for r in get_requests(base_url)} == {"messages"}
+
+
+async def test_sot_serve_with_the_anthropic_backend(upstream: str) -> None:
+    import openai
+
+    from sot.testing.process import ServiceProcess, serve_command
+
+    command = serve_command(backend="anthropic", base_url=upstream, model="claude-test", api_key="test")
+    with ServiceProcess(command, name="serve-anthropic") as serve:
+        client = openai.AsyncOpenAI(base_url=serve.root_url + "/v1", api_key="none", max_retries=0)
+        completion = await client.chat.completions.create(
+            model="sot:claude-test", messages=[{"role": "user", "content": QUESTION}]
+        )
+        await client.close()
+    answer = completion.choices[0].message.content or ""
+    assert [line.split(".", 1)[0] for line in answer.splitlines()] == ["1", "2", "3", "4", "5"]
+    records = await async_get_requests(upstream, api="messages")
+    assert len(records) == 6 and sum(r["cache_read_input_tokens"] for r in records) > 0
