@@ -17,6 +17,8 @@ from starlette.types import Message as AsgiMessage
 from sot.events import AnswerDelta, Done, Event, Result
 
 REQUEST_ID_HEADER = "X-Request-ID"
+# The endpoints that answer questions: what the request metrics count, valid or not.
+QUESTIONS = frozenset({("POST", "/v1/chat/completions"), ("POST", "/v1/sot/stream")})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 # The record of the request being answered: the handler, the engine's tasks and the upstream client see it.
@@ -108,7 +110,8 @@ class ObserveMiddleware:
             await self.app(scope, receive, send)
             return
         given = next((v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"x-request-id"), None)
-        record = RequestRecord(request_id(given), method=scope.get("method", "GET"), path=scope.get("path", "/"))
+        method, path = scope.get("method", "GET"), scope.get("path", "/")
+        record = RequestRecord(request_id(given), method=method, path=path, question=(method, path) in QUESTIONS)
         token = _current.set(record)
 
         async def send_with_id(message: AsgiMessage) -> None:

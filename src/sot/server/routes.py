@@ -109,7 +109,7 @@ def start(state: AppState, plan: RunPlan, request: Request, user: str | None = N
     """A slot for the question (or a 503 while draining, a 429 when full), and the engine running it with the
     question's routing key."""
     record = current_record()
-    record.question, record.mode_requested = True, plan.mode
+    record.mode_requested = plan.mode
     if state.draining:
         record.rejected = "draining"
         raise draining_error(state.settings.retry_after)
