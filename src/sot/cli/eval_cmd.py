@@ -130,7 +130,12 @@ def eval_group() -> None:
 
 
 def _questions(
-    dataset: str, *, ids: str | None, categories: str | None, limit: int | None, per_category: int | None
+    dataset: str,
+    ids: str | None,
+    categories: str | None,
+    limit: int | None,
+    per_category: int | None,
+    suitable_only: bool,
 ) -> list[Question]:
     """The dataset's questions (named or a file) after the command's filters; an error when none is left."""
     questions = select(
@@ -139,9 +144,10 @@ def _questions(
         categories=_split(categories),
         limit=limit,
         per_category=per_category,
+        suitable_only=suitable_only,
     )
     if not questions:
-        raise ConfigError("no questions left after --ids / --categories / --limit")
+        raise ConfigError("no questions left after --ids / --categories / --suitable-only / --limit")
     return questions
 
 
@@ -175,6 +181,9 @@ def _questions(
 @click.option("--per-category", type=click.IntRange(1), help="Only the first N questions of each category.")
 @click.option("--ids", help="Only these question ids (comma-separated).")
 @click.option("--categories", help="Only these categories (comma-separated).")
+@click.option(
+    "--suitable-only", is_flag=True, help="Leave out the questions labelled unsuitable for SoT (as `sot bench` does)."
+)
 @click.option("--answer-timeout", type=click.FloatRange(0.1), help="Seconds allowed per answer (a failure after).")
 @click.option("--warmup/--no-warmup", default=True, show_default=True, help="Load the model before timing.")
 @backend_options
@@ -190,6 +199,7 @@ def run_cmd(
     per_category: int | None,
     ids: str | None,
     categories: str | None,
+    suitable_only: bool,
     answer_timeout: float | None,
     warmup: bool,
     **params: Any,
@@ -201,7 +211,7 @@ def run_cmd(
     failed ones are retried.
     """
     chosen_modes = parse_modes(modes)
-    questions = _questions(dataset, ids=ids, categories=categories, limit=limit, per_category=per_category)
+    questions = _questions(dataset, ids, categories, limit, per_category, suitable_only)
     output = output or Path.cwd() / (dataset_stem(dataset) + RESULTS_SUFFIX)
     err = Console(stderr=True, soft_wrap=True)
     backend = build_backend(params, progress=lambda msg: err.print(f"[dim]{msg}[/dim]"))

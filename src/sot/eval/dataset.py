@@ -113,9 +113,11 @@ def select(
     categories: Sequence[str] = (),
     limit: int | None = None,
     per_category: int | None = None,
+    suitable_only: bool = False,
 ) -> list[Question]:
-    """A subset, in dataset order: by id, by category, the first `per_category` of each, then the first `limit`."""
-    chosen = list(questions)
+    """A subset, in dataset order: by id, by category, labelled suitable for SoT (not labelled unsuitable),
+    the first `per_category` of each, then the first `limit`."""
+    chosen = [q for q in questions if not (suitable_only and q.sot_suitable is False)]
     if ids:
         known = {q.id for q in chosen}
         unknown = [i for i in ids if i not in known]
