@@ -106,6 +106,7 @@ def test_dataset_defaults_and_selection(tmp_path: Path, dataset: Path) -> None:
     assert [q.id for q in select(questions, per_category=1, limit=3)] == ["g1", "c1", "m1"]
     assert {q.category for q in select(questions, categories=["math"])} == {"math"}
     assert [q.id for q in select(questions, ids=["c2", "g1"])] == ["g1", "c2"]  # dataset order
+    assert [q.id for q in select(questions, suitable_only=True)] == ["g1", "g2", "g3"]
     with pytest.raises(DatasetError, match="unknown question id"):
         select(questions, ids=["nope"])
     with pytest.raises(DatasetError, match="no such dataset file"):
