@@ -226,6 +226,17 @@ async def test_the_upstream_refuses_what_anthropic_refuses(upstream: str) -> Non
     await backend.aclose()
 
 
+async def test_whitespace_stops_cut_the_stream_client_side(upstream: str) -> None:
+    backend = AnthropicBackend("claude-test", base_url=upstream, api_key="test")
+    messages = (Message("system", "Write only a skeleton."), Message("user", QUESTION))
+    chunks = [c async for c in backend.stream(GenerationRequest(messages=messages, prefill="1.", stop=("\n",)))]
+    await backend.aclose()
+    assert "".join(c.text for c in chunks) == " Point one about effective"
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].usage is not None
+    [record] = await async_get_requests(upstream, api="messages")
+    assert record["kind"] == "skeleton" and record["http_status"] == 200  # "\\n" was not sent: a 400 otherwise
+
+
 async def test_a_wrong_model_answer_is_a_bad_request_not_retried(upstream: str) -> None:
     backend = AnthropicBackend("claude-test", base_url=upstream, api_key="test")
     request = GenerationRequest(messages=(Message("user", "Hi"),))

@@ -125,19 +125,24 @@ class LeadingSpace:
 async def sse_payloads(lines: AsyncIterator[str], backend: str) -> AsyncGenerator[Any, None]:
     """The parsed `data` of each server-sent event (the `event:` name is repeated in the data's `type`).
 
-    The body is read to its end, so the HTTP library's nested generators finish rather than being left to
-    the garbage collector; a `data` that is not JSON is a `BackendStreamError`.
+    The line reader is closed on every way out, so the HTTP library's nested generators finish rather than
+    being left to the garbage collector; a `data` that is not JSON is a `BackendStreamError`.
     """
     data: list[str] = []
-    async for line in lines:
-        if line.startswith("data:"):
-            value = line[5:]
-            data.append(value[1:] if value.startswith(" ") else value)
-        elif line == "" and data:
+    try:
+        async for line in lines:
+            if line.startswith("data:"):
+                value = line[5:]
+                data.append(value[1:] if value.startswith(" ") else value)
+            elif line == "" and data:
+                yield _parse(data, backend)
+                data = []
+        if data:
             yield _parse(data, backend)
-            data = []
-    if data:
-        yield _parse(data, backend)
+    finally:
+        close = getattr(lines, "aclose", None)
+        if close is not None:  # a caller that stopped early: the HTTP library's line reader ends here, not in GC
+            await close()
 
 
 def _parse(data: list[str], backend: str) -> Any:
