@@ -90,6 +90,13 @@ def test_every_built_in_declares_its_capabilities() -> None:
         ) == flags
 
 
+def test_a_missing_sdk_is_a_config_error_with_an_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "anthropic", None)  # as if it were not installed
+    with pytest.raises(ConfigError, match=r"pip install 'sot\[anthropic\]'"):
+        create_backend("anthropic", model="claude-sonnet-4-5")
+    assert "pip install 'sot[anthropic]'" in (lookup("anthropic").missing() or "")
+
+
 async def test_a_plugin_registered_by_metadata_is_found_and_runs(plugin_on_path: Path) -> None:
     entry = lookup("ECHO")
     assert entry.source == "sot-echo-backend" and entry.capabilities() == Capabilities(concurrent=True)

@@ -150,7 +150,7 @@ class BackendEntry:
         """What must be installed before this backend can work, or None when nothing is missing."""
         obj = self.load()
         requires = getattr(obj, "requires", ()) or ()
-        absent = [name for name in requires if importlib.util.find_spec(name) is None]
+        absent = [name for name in requires if not _installed(name)]
         if not absent:
             return None
         hint = getattr(obj, "install_hint", "") or f"pip install {' '.join(absent)}"
@@ -188,6 +188,13 @@ class BackendEntry:
         if not callable(getattr(backend, "stream", None)):
             raise ConfigError(f"the {self.name} backend's factory returned {type(backend).__name__}, not a backend")
         return backend
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError, AttributeError):  # a module blocked in sys.modules, a broken parent package
+        return False
 
 
 @functools.cache
