@@ -151,6 +151,7 @@ def test_metrics_count_what_was_sent(server: tuple[str, str, Path]) -> None:
     assert value(page, "sot_upstream_requests_per_question_bucket", le="2.0") == 5
     for name, count in [
         ("sot_time_to_first_token_seconds", 8),
+        ("sot_first_answer_seconds", 8),
         ("sot_total_seconds", 8),
         ("sot_skeleton_seconds", 3),  # the failed skeletons have no time
         ("sot_slowest_point_seconds", 3),
@@ -191,6 +192,7 @@ def test_access_log_has_a_line_per_request_and_ids_reach_the_upstream(server: tu
     assert (fallback["upstream_requests"], fallback["status"], fallback["outcome"]) == (2, 200, "ok")
     assert (sot["mode_used"], sot["points"], sot["upstream_requests"], sot["stream"]) == ("sot", 3, 4, False)
     assert sot["skeleton_s"] > 0 and sot["slowest_point_s"] > 0 and sot["total_s"] >= sot["skeleton_s"]
+    assert 0 < sot["first_answer_s"] <= sot["duration_s"]
     assert sot["completion_tokens"] > 0 and sot["routing_key"].startswith("sot-")
     assert (normal["mode_used"], normal["points"], normal["upstream_requests"]) == ("normal", None, 1)
     rejected = [line for line in chats if line["outcome"] == "rejected"]

@@ -47,6 +47,7 @@ def log_entry(record: RequestRecord) -> dict[str, Any]:
         "retries": stats.retries if stats is not None else None,
         "prompt_tokens": stats.prompt_tokens if stats is not None else None,
         "completion_tokens": stats.completion_tokens if stats is not None else None,
+        "first_answer_s": _round(record.first_answer - record.started) if record.first_answer is not None else None,
         "ttft_s": _round(stats.time_to_first_token) if stats is not None else None,
         "skeleton_s": _round(stats.skeleton_seconds) if stats is not None else None,
         "slowest_point_s": _round(stats.slowest_point_seconds) if stats is not None and stats.points else None,

@@ -78,7 +78,14 @@ class Metrics:
         def seconds(name: str, text: str) -> Histogram:
             return Histogram(name, text, buckets=SECONDS, registry=registry)
 
-        self.ttft = seconds("sot_time_to_first_token_seconds", "From the start of a run to its first answer token.")
+        self.ttft = seconds(
+            "sot_time_to_first_token_seconds",
+            "From the start of a run to the first token from upstream (in SoT mode, the skeleton's).",
+        )
+        self.first_answer = seconds(
+            "sot_first_answer_seconds",
+            "From a question's arrival to the first text of its answer (what a client waits).",
+        )
         self.skeleton = seconds("sot_skeleton_seconds", "Time to write and parse the skeleton (SoT runs).")
         self.slowest_point = seconds(
             "sot_slowest_point_seconds", "The longest point expansion of a SoT answer (it bounds the answer's end)."
@@ -110,6 +117,8 @@ class Metrics:
         self.tokens.labels("prompt").inc(stats.prompt_tokens)
         self.tokens.labels("completion").inc(stats.completion_tokens)
         self.total.observe(stats.total_seconds)
+        if record.first_answer is not None:
+            self.first_answer.observe(record.first_answer - record.started)
         if stats.time_to_first_token is not None:
             self.ttft.observe(stats.time_to_first_token)
         if stats.skeleton_seconds is not None:
