@@ -4,6 +4,7 @@ upstream's Messages API (a separate process): prefills, prompt-cache reads, faul
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -268,6 +269,15 @@ def test_sot_ask_with_the_anthropic_backend(upstream: str) -> None:
     result = json.loads(done.stdout)
     assert result["mode_used"] == "sot" and result["backend"] == "anthropic" and len(result["points"]) == 5
     assert result["stats"]["backend"]["cache_read_input_tokens"] > 0
+
+
+def test_no_key_is_a_config_error_and_the_openai_key_is_not_sent_to_anthropic(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ANTHROPIC_")}
+    env.update(OPENAI_API_KEY="sk-openai-not-for-anthropic", ANTHROPIC_CONFIG_DIR=str(tmp_path))
+    command = [sys.executable, "-m", "sot", "ask", "-b", "anthropic", "-m", "claude-test", "hi"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False, env=env)
+    # A ConfigError before any request (exit 2): with the OpenAI key, the client would have tried Anthropic's API.
+    assert done.returncode == 2 and "ANTHROPIC_API_KEY" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.skipif(not (SHARED / "data" / "vicuna80.jsonl").exists(), reason="../shared is not present")

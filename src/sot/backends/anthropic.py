@@ -170,7 +170,11 @@ class AnthropicBackend:
                 api_key=api_key, base_url=_api_root(base_url), timeout=timeout, max_retries=max_retries
             )
         except sdk.AnthropicError as exc:
-            raise ConfigError(f"cannot configure the Anthropic client: {exc}") from exc
+            raise ConfigError(
+                f"cannot configure the Anthropic client: {exc} (or set ANTHROPIC_API_KEY, or pass --api-key)"
+            ) from exc
+        if not any(getattr(self.client, attr, None) for attr in ("api_key", "auth_token", "credentials")):
+            raise ConfigError("the anthropic backend needs an API key: set ANTHROPIC_API_KEY or pass --api-key")
         self._sdk_error: type[Exception] = sdk.AnthropicError
         self._counters = dict.fromkeys(COUNTERS, 0)
 
