@@ -271,3 +271,12 @@ def test_the_cache_file_names(tmp_path: Path) -> None:
         "sot-vicuna-router.csv",
     ]
     assert len(env) == 3
+
+
+def test_an_unwritable_cache_is_a_clear_error(tmp_path: Path, server: FileServer) -> None:
+    files = synthetic_sources()
+    serve(files, server)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DatasetError, match="cannot write the dataset cache"):
+        load_named("lima", settings=settings_for(blocker / "cache", server.url, files))

@@ -262,7 +262,7 @@ def read_cached(source: Source, settings: DatasetSettings) -> bytes | None:
     path = settings.cached(source)
     try:
         data = path.read_bytes()
-    except FileNotFoundError:
+    except OSError:  # absent, or unreadable: fetched (and written) again, which reports a cache it cannot use
         return None
     return data if sha256_hex(data) == settings.sha256(source) else None
 
@@ -285,7 +285,12 @@ def fetch_source(source: Source, settings: DatasetSettings, *, fetch: bool = Tru
             f"{url}: SHA-256 {got} does not match the pinned {expected}; nothing was cached. If the file "
             f"changed on purpose, check it and set SOT_DATASETS_SHA256_{source.key}, or pass a JSONL path."
         )
-    write_atomically(settings.cached(source), data)
+    try:
+        write_atomically(settings.cached(source), data)
+    except OSError as exc:
+        raise DatasetError(
+            f"cannot write the dataset cache {settings.cache_dir} ({exc}); set SOT_DATASETS_DIR elsewhere"
+        ) from None
     return data
 
 
