@@ -154,7 +154,8 @@ class Run:
 
 def cache_key(messages: Sequence[Message]) -> str:
     """One key per question, so an API's prefix cache routes all of its points to the same cache."""
-    digest = hashlib.sha256("\x1e".join(f"{m.role}:{m.content}" for m in messages).encode()).hexdigest()
+    text = "\x1e".join(f"{m.role}:{m.content}" for m in messages)
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()  # never raises on bad text
     return f"sot-{digest[:32]}"
 
 

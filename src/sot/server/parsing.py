@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from sot.backends.base import Message, Role
+from sot.core.conversation import check_encodable
 from sot.engine import Engine
+from sot.errors import InputError
 from sot.events import Mode
 from sot.server.errors import ApiError
 from sot.server.openai_schema import ChatCompletionRequest, ChatMessage, SoTStreamRequest
@@ -110,6 +112,11 @@ def conversation(messages: Sequence[ChatMessage], settings: ServerSettings) -> l
             code="too_many_messages",
         )
     out = [_message(i, message) for i, message in enumerate(messages)]
+    for i, message in enumerate(out):
+        try:
+            check_encodable(message.content, f"messages[{i}].content")
+        except InputError as exc:
+            raise ApiError(400, str(exc), param=f"messages[{i}].content", code="invalid_input") from None
     size = sum(len(m.content) for m in out)
     if size > settings.max_question_chars:
         raise ApiError(
