@@ -120,7 +120,8 @@ class PointStats(BaseModel):
 
 
 class Stats(BaseModel):
-    """What a run cost. Times are seconds; `token_times` are offsets of each answer token (normal mode)."""
+    """What a run cost. Times are seconds; `token_times` are the offsets of each streamed chunk of a normal
+    answer (about one token each; `sot.eval.equal_length` spreads a reported total over them)."""
 
     time_to_first_token: float | None = None
     skeleton_seconds: float | None = None
