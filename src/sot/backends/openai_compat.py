@@ -13,7 +13,6 @@ message; a malformed chunk, an error object mid-stream, or a stream without a fi
 from __future__ import annotations
 
 import os
-import zlib
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
@@ -76,9 +75,6 @@ class OpenAIBackend:
     `routing_header`: the header that carries the same key on every request (default `X-SoT-Session`), so a
     load balancer that hashes on it (nginx `hash $http_x_sot_session consistent`) sends the skeleton and all
     points of a question to one replica and its prefix cache; `None` sends no header.
-    `pool_shards`: independent HTTP connection pools, a question's requests all in one (by its key). The
-    HTTP library scans its whole pool each time a response closes; with hundreds of streams open in one
-    pool that scan dominated a server's CPU (measured: a fifth of it during a burst of 200 questions).
     """
 
     def __init__(
@@ -95,7 +91,6 @@ class OpenAIBackend:
         include_usage: bool = True,
         timeout: float = 120.0,
         max_retries: int = 0,
-        pool_shards: int = 8,
         name: str = "openai",
     ) -> None:
         if not model:
@@ -110,22 +105,21 @@ class OpenAIBackend:
         api_key = api_key or os.environ.get("AZURE_OPENAI_API_KEY" if azure_api_version else "OPENAI_API_KEY")
         # Local servers take any key; the SDK insists on one, so give it a placeholder rather than fail.
         api_key = api_key or ("not-needed" if base_url else None)
-        def make_client() -> openai.AsyncOpenAI:
+        try:
             if azure_api_version:
-                return openai.AsyncAzureOpenAI(
+                self.client: openai.AsyncOpenAI = openai.AsyncAzureOpenAI(
                     azure_endpoint=base_url or os.environ.get("AZURE_OPENAI_ENDPOINT", ""),
                     api_key=api_key,
                     api_version=azure_api_version,
                     timeout=timeout,
                     max_retries=max_retries,
                 )
-            return openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries)
-
-        try:
-            self.clients = [make_client() for _ in range(max(1, pool_shards))]
+            else:
+                self.client = openai.AsyncOpenAI(
+                    base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries
+                )
         except openai.OpenAIError as exc:
             raise ConfigError(f"cannot configure the OpenAI client: {exc}") from exc
-        self.client = self.clients[0]
 
     def _body(self, request: GenerationRequest) -> tuple[list[dict[str, str]], dict[str, Any]]:
         messages = collapse_messages(request.messages)
@@ -176,8 +170,7 @@ class OpenAIBackend:
         headers = kwargs.pop("extra_headers", None) or {}
         extra = kwargs.pop("extra_body", None) or {}
         body = {**kwargs, **extra}
-        shard = zlib.crc32((request.cache_key or "").encode("utf-8", "surrogatepass")) % len(self.clients)
-        return await self.clients[shard].post(
+        return await self.client.post(
             "/chat/completions",
             cast_to=object,
             body=body,
@@ -223,8 +216,7 @@ class OpenAIBackend:
         yield Chunk(finish_reason="length" if finish == "length" else "stop", usage=usage)
 
     async def aclose(self) -> None:
-        for client in self.clients:
-            await client.close()
+        await self.client.close()
 
 
 _DONE: Any = object()

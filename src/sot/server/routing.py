@@ -55,13 +55,10 @@ async def _add_request_id(request: Any) -> None:
 def forward_request_ids(backend: Backend) -> bool:
     """Make the backend's HTTP client send the id of the request being answered as `X-Request-ID` on every
     upstream request (an httpx request hook on the OpenAI SDK's client; other backends are left alone)."""
-    clients = getattr(backend, "clients", None) or [getattr(backend, "client", None)]
-    hooked = False
-    for client in clients:
-        hooks = getattr(getattr(client, "_client", None), "event_hooks", None)
-        if not isinstance(hooks, dict) or not isinstance(hooks.get("request"), list):
-            continue
-        if _add_request_id not in hooks["request"]:
-            hooks["request"].append(_add_request_id)
-        hooked = True
-    return hooked
+    http = getattr(getattr(backend, "client", None), "_client", None)
+    hooks = getattr(http, "event_hooks", None)
+    if not isinstance(hooks, dict) or not isinstance(hooks.get("request"), list):
+        return False
+    if _add_request_id not in hooks["request"]:
+        hooks["request"].append(_add_request_id)
+    return True
