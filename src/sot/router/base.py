@@ -119,6 +119,21 @@ def router_input(messages: Sequence[Message]) -> RouterInput:
     return RouterInput(request=request, context=tuple(context), system=system, transcript_turns=turns)
 
 
+def model_turns(view: RouterInput) -> tuple[tuple[str, str], ...]:
+    """The conversation as the serving model reads it, bounded: the system prompt, the recent turns of both
+    roles, then the latest request. This is what the trained router embeds; empty parts are left out.
+
+    >>> model_turns(router_input([Message(role="user", content="Hi"), Message(role="assistant", content="Hello"),
+    ...                           Message(role="user", content="Why?")]))
+    (('user', 'Hi'), ('assistant', 'Hello'), ('user', 'Why?'))
+    """
+    turns = [("system", view.system)] if view.system else []
+    turns.extend(view.transcript_turns)
+    if view.request:
+        turns.append(("user", view.request))
+    return tuple(turns)
+
+
 def render_request(view: RouterInput) -> str:
     """The conversation as one text to put where a prompt says `{request}`: the latest request first.
 
