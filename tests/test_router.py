@@ -1,5 +1,9 @@
-"""SoT-R routers: the trained model's parity, determinism and offline loading; odd inputs for every router;
-conversation awareness; the prompting router's reply parser and fallbacks; the metrics; `sot router`."""
+"""SoT-R routers: the packaged model (offline loading, JSON round trip, plain-Python scores, the word-feature
+fallback and its reasons); odd inputs for every router; conversation awareness; the prompting router's reply
+parser and fallbacks; the heuristic; the metrics; `sot router eval` on Vicuna-80.
+
+Tests with the real embedding (`TrainedRouter()` reads the packaged GGUF's tokenizer and token table) are
+marked slow; the fast ones route on word features (`embedder=None`) or a stand-in embedder."""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ import json
 import socket
 import time
 from collections.abc import AsyncGenerator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -28,9 +34,9 @@ from sot.router import (
     parse_router_reply,
     router_input,
 )
-from sot.router.base import MAX_REQUEST_CHARS, truncate_middle
+from sot.router.base import MAX_REQUEST_CHARS, RouterInput, truncate_middle
 from sot.router.metrics import Confusion, compute_metrics, confusion
-from sot.router.trained import CHECK_TEXTS, TrainedModel, packaged_model_path, prepare, terms, train_model
+from sot.router.trained import LEGACY_FORMAT, TrainedModel, packaged_model_path, save_model
 
 SHARED = Path(__file__).parents[1].parent / "shared"
 LIMA = SHARED / "data" / "lima_router.jsonl"
@@ -57,7 +63,28 @@ def scripted(reply: str | Exception) -> ScriptedBackend:
     return ScriptedBackend(respond)
 
 
-# -- the trained model --------------------------------------------------------------------------------
+def words_only() -> TrainedRouter:
+    return TrainedRouter(embedder=None)
+
+
+class ConstantEmbedder:
+    """A stand-in embedder: the same vector for every conversation (counts its calls)."""
+
+    def __init__(self, value: float = 0.0, dim: int = 576) -> None:
+        self.vector = [value] * dim
+        self.calls = 0
+
+    def embed(self, view: RouterInput) -> list[float]:
+        self.calls += 1
+        return self.vector
+
+
+class BrokenEmbedder:
+    def embed(self, view: RouterInput) -> list[float]:
+        raise RuntimeError("llama.cpp exploded")
+
+
+# -- the packaged model -------------------------------------------------------------------------------
 
 
 def test_packaged_model_loads_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,72 +94,86 @@ def test_packaged_model_loads_without_network(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(socket.socket, "connect", no_network)
     monkeypatch.setattr(socket, "create_connection", no_network)
     model = TrainedModel.from_json(packaged_model_path().read_text(encoding="utf-8"))
-    decision = TrainedRouter(model).decide_view(router_input(user("What are some ways to save money?")))
+    decision = TrainedRouter(model, embedder=None).decide_view(router_input(user("What are some ways to save money?")))
     assert decision.router == "trained" and decision.score is not None
 
 
 def test_packaged_model_is_small_and_says_how_it_was_made() -> None:
-    path = packaged_model_path()
-    assert path.stat().st_size < 1_000_000
+    assert packaged_model_path().stat().st_size < 400_000
     model = load_model()
     training = model.training
-    assert len(training["dataset_sha256"]) == 64 and training["seed"] == 0
-    assert 0.3 <= model.threshold <= 0.9
-    assert training["cv_at_threshold"]["precision"] >= 0.75  # the threshold rule held
-    assert training["cv_at_threshold"]["accuracy"] > 0.70
+    assert model.combined is not None and model.embedding is not None
+    assert len(model.combined.embed) == 576  # SmolLM2-135M's hidden size
+    assert model.embedding.tensor_name == "attn_norm-0" and model.embedding.weights == "packaged"
+    assert [d["name"] for d in training["datasets"]] == ["lima_router.jsonl", "sot/router/data"]
+    assert training["examples"] == 1030 + 739 and len(training["data_sha256"]) == 64
+    assert training["recipe"]["seed"] == 0 and training["recipe"]["target_false_sot"] == 0.08
+    for head_name, head in (("combined", model.combined), ("words", model.words)):
+        cv = training[head_name]["cv_at_threshold"]
+        assert training[head_name]["threshold_rule_met"] and cv["false_sot_rate"] <= 0.08, head_name
+        assert 0.3 <= head.threshold <= 0.9 and cv["accuracy"] > 0.8
 
 
 @needs_shared
-def test_packaged_model_was_trained_on_the_shared_lima_file() -> None:
-    import hashlib
+def test_packaged_model_was_trained_on_lima_and_the_packaged_data() -> None:
+    from sot.router.data import digest, own_data_dir
 
-    assert load_model().training["dataset_sha256"] == hashlib.sha256(LIMA.read_bytes()).hexdigest()
+    assert load_model().training["data_sha256"] == digest([LIMA, own_data_dir()])
 
 
-def test_pure_python_scores_match_scikit_learn_on_stored_checks() -> None:
+def test_word_head_scores_match_scikit_learn_on_stored_checks() -> None:
     # The check texts' probabilities were computed by scikit-learn's predict_proba at training time.
     model = load_model()
-    assert [t for t, _ in model.checks] == list(CHECK_TEXTS)
-    for text, expected in model.checks:
-        assert model.probability(text) == pytest.approx(expected, abs=1e-4)
+    assert len(model.checks) >= 5
+    for check in model.checks:
+        assert model.text_probability(check.text) == pytest.approx(check.words, abs=1e-4)
 
 
-@needs_shared
-def test_feature_parity_with_scikit_learn_tfidf() -> None:
-    np = pytest.importorskip("numpy")
-    text_mod = pytest.importorskip("sklearn.feature_extraction.text")
-    texts = [prepare(str(row["question"])) for row in read_jsonl(LIMA)]
-    vectorizer = text_mod.TfidfVectorizer(analyzer=terms, sublinear_tf=True, min_df=2, dtype=np.float64)
-    matrix = vectorizer.fit_transform(texts)
-    idf = {t: float(vectorizer.idf_[j]) for t, j in vectorizer.vocabulary_.items()}
-    model = TrainedModel(idf=idf, coef=dict.fromkeys(idf, 0.0), intercept=0.0, threshold=0.5)
-    inverse = {j: t for t, j in vectorizer.vocabulary_.items()}
-    for i in range(0, len(texts), 7):
-        row = matrix.getrow(i)
-        expected = {inverse[j]: float(v) for j, v in zip(row.indices, row.data, strict=True)}
-        got = model.vector(texts[i])
-        assert got.keys() == expected.keys()
-        assert all(abs(got[t] - expected[t]) < 1e-12 for t in got)
+@pytest.mark.slow
+def test_combined_head_scores_match_scikit_learn_on_stored_checks() -> None:
+    router = TrainedRouter()
+    router.prepare()
+    assert router.fallback_reason is None
+    for check in router.model.checks:
+        decision = router.decide_view(router_input(user(check.text)))
+        assert decision.score == pytest.approx(check.combined, abs=1e-4), check.text
+        assert "word features only" not in decision.reason
 
 
 def test_trained_router_is_deterministic() -> None:
-    first = TrainedRouter(load_model(packaged_model_path()))
-    second = TrainedRouter(load_model(packaged_model_path()))
+    first = TrainedRouter(load_model(packaged_model_path()), embedder=None)
+    second = TrainedRouter(load_model(packaged_model_path()), embedder=None)
     conversation = user("How can I become a better public speaker?")
     a = asyncio.run(first.decide(conversation))
     b = asyncio.run(second.decide(conversation))
     assert a == b and a == asyncio.run(first.decide(conversation))
 
 
-def test_model_round_trips_through_json() -> None:
+def test_model_round_trips_through_json(tmp_path: Path) -> None:
     model = load_model()
-    again = TrainedModel.from_json(model.to_json())
-    assert again == model
+    assert TrainedModel.from_json(model.to_json()) == model
+    path = save_model(model, tmp_path / "m.json")
+    assert load_model(path) == model
+
+
+def test_a_word_only_model_of_the_first_format_still_loads() -> None:
+    legacy = {
+        "format": LEGACY_FORMAT,
+        "intercept": -1.0,
+        "threshold": 0.5,
+        "checks": [["What are tips?", 0.7]],
+        "vocabulary": [["tips", 1.5, 2.0], ["solve", 1.2, -3.0]],
+    }
+    model = TrainedModel.from_json(json.dumps(legacy))
+    assert model.combined is None and model.words.threshold == 0.5
+    router = TrainedRouter(model)
+    assert router.decide_view(router_input(user("Any tips?"))).use_sot is True
+    assert "the model has no embedding head" in router.decide_view(router_input(user("solve it"))).reason
 
 
 @pytest.mark.parametrize(
     "text",
-    ["{}", '{"format": "something-else/1"}', '{"format": "sot-router-tfidf-logreg/1", "vocabulary": 3}', "nope"],
+    ["{}", '{"format": "something-else/1"}', '{"format": "sot-router/2", "vocabulary": 3}', "nope"],
 )
 def test_malformed_model_is_a_config_error(text: str) -> None:
     with pytest.raises(ConfigError):
@@ -144,46 +185,66 @@ def test_missing_model_file_is_a_config_error(tmp_path: Path) -> None:
         make_router("trained", model_path=tmp_path / "absent.json")
 
 
-@needs_shared
-def test_training_is_reproducible(tmp_path: Path) -> None:
-    pytest.importorskip("sklearn")
-    data = tmp_path / "small.jsonl"
-    data.write_text("\n".join(LIMA.read_text(encoding="utf-8").splitlines()[:150]) + "\n", encoding="utf-8")
-    first, second = (train_model(data, repeats=1, c_values=(3.0,)).to_json() for _ in range(2))
-    assert first == second
-    result = CliRunner().invoke(router_cli, ["train", str(data), "--output", str(tmp_path / "m.json"), "--json"])
-    assert result.exit_code == 0, result.output
-    summary = json.loads(result.output)
-    assert summary["examples"] == 150 and summary["seed"] == 0 and summary["repeats"] == 3
-    model = load_model(tmp_path / "m.json")
-    assert model.training["dataset_sha256"] == summary["dataset_sha256"]
-    assert model.threshold == summary["threshold"]
+# -- the fallback to word features --------------------------------------------------------------------
 
 
-@needs_shared
-@pytest.mark.slow
-def test_training_reproduces_the_packaged_model(tmp_path: Path) -> None:
-    sklearn = pytest.importorskip("sklearn")
-    packaged = load_model()
-    if packaged.training.get("scikit_learn") != sklearn.__version__:
-        pytest.skip("the packaged model was trained with another scikit-learn version")
-    model = train_model(LIMA, seed=packaged.training["seed"])
-    assert model.to_json() == packaged_model_path().read_text(encoding="utf-8")
+def test_without_an_embedding_the_word_head_decides_and_says_why() -> None:
+    model = load_model()
+    decision = words_only().decide_view(router_input(user("What are some ways to save money?")))
+    assert decision.score == pytest.approx(model.text_probability("What are some ways to save money?"))
+    assert decision.reason.endswith("[word features only: embedding disabled]")
+    assert (
+        make_router("trained", words_only=True)
+        .decide_view(router_input(user("Hi?")))
+        .reason.endswith("[word features only: embedding disabled]")
+    )
 
 
-def test_training_without_labels_is_a_config_error(tmp_path: Path) -> None:
-    pytest.importorskip("sklearn")
-    data = tmp_path / "few.jsonl"
-    data.write_text('{"question": "What is love?", "sot_suitable": true}\n', encoding="utf-8")
-    with pytest.raises(ConfigError, match="at least"):
-        train_model(data)
+def test_an_embedding_model_that_cannot_load_means_word_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sot.router.embeddings as embeddings
+
+    def unavailable(spec: object) -> object:
+        raise ConfigError("The embedded model is not installed")
+
+    monkeypatch.setattr(embeddings, "shared_embedder", unavailable)
+    router = TrainedRouter()
+    decision = asyncio.run(router.decide(user("What are some ways to save money?")))
+    assert "[word features only: the embedding model could not be loaded (The embedded model is not" in decision.reason
+    assert decision.score == pytest.approx(load_model().text_probability("What are some ways to save money?"))
+
+
+def test_an_embedder_that_does_not_match_training_is_not_used() -> None:
+    router = TrainedRouter(embedder=ConstantEmbedder(5.0))
+    decision = router.decide_view(router_input(user("Solve 2x = 4.")))
+    assert "does not match training" in decision.reason and "word features only" in decision.reason
+
+
+def test_an_embedder_that_fails_at_routing_time_means_word_features() -> None:
+    router = TrainedRouter(embedder=ConstantEmbedder())
+    object.__setattr__(router, "model", replace(router.model, checks=()))  # skip the load-time self-check
+    router.prepare()
+    router._embedder = BrokenEmbedder()
+    decision = router.decide_view(router_input(user("What are tips for sleep?")))
+    assert "[word features only: embedding failed (llama.cpp exploded)]" in decision.reason
+
+
+def test_the_combined_head_uses_the_embedding() -> None:
+    model = replace(load_model(), checks=())
+    low, high = ConstantEmbedder(-1.0), ConstantEmbedder(1.0)
+    view = router_input(user("Tell me about Lisbon."))
+    p_low = TrainedRouter(model, embedder=low).decide_view(view).score
+    p_high = TrainedRouter(model, embedder=high).decide_view(view).score
+    assert low.calls == high.calls == 1 and p_low != p_high
+    assert model.combined is not None
+    expected = model.probability(view, high.vector)
+    assert p_high == pytest.approx(expected)
 
 
 # -- odd inputs, for every router ---------------------------------------------------------------------
 
 
 def all_routers() -> list[object]:
-    return [TrainedRouter(), HeuristicRouter(), PromptingRouter(scripted("A"))]
+    return [words_only(), HeuristicRouter(), PromptingRouter(scripted("A"))]
 
 
 @pytest.mark.parametrize("router", all_routers(), ids=lambda r: r.name)
@@ -216,13 +277,16 @@ async def test_very_long_input_is_routed_quickly(router: PromptingRouter) -> Non
         assert len(sent) < MAX_REQUEST_CHARS + 2000
 
 
-def test_trained_router_takes_milliseconds() -> None:
+@pytest.mark.slow
+def test_trained_router_takes_milliseconds_even_for_huge_inputs() -> None:
     trained = TrainedRouter()
     view = router_input(user("x" * 100_000 + " How can I improve my sleep? " * 1000))
+    trained.decide_view(view)  # loads the tokenizer and token table
     start = time.perf_counter()
     for _ in range(20):
-        trained.decide_view(view)
-    assert (time.perf_counter() - start) / 20 < 0.01
+        decision = trained.decide_view(view)
+    assert (time.perf_counter() - start) / 20 < 0.02
+    assert "word features only" not in decision.reason
 
 
 def test_truncation_keeps_head_and_tail_and_is_idempotent() -> None:
@@ -260,19 +324,44 @@ def test_router_input_reads_every_turn() -> None:
     assert [role for role, _ in view.transcript_turns] == ["user", "assistant"]
 
 
-@pytest.mark.parametrize("router", [TrainedRouter(), HeuristicRouter()], ids=lambda r: r.name)
-async def test_follow_ups_take_the_conversation_into_account(router: TrainedRouter) -> None:
+async def check_follow_ups(router: TrainedRouter | HeuristicRouter) -> None:
     assert (await router.decide(LIST_THEN_CODE[:1])).use_sot is True
     assert (await router.decide(LIST_THEN_CODE)).use_sot is False  # a code request, whatever came before
     assert (await router.decide(LIST_THEN_ELLIPSIS)).use_sot is True  # inherits the list question's shape
     assert (await router.decide(MATH_THEN_WHY)).use_sot is False
 
 
+@pytest.mark.parametrize("router", [words_only(), HeuristicRouter()], ids=["trained-words", "heuristic"])
+async def test_follow_ups_take_the_conversation_into_account(router: TrainedRouter) -> None:
+    await check_follow_ups(router)
+
+
+@pytest.mark.slow
+async def test_follow_ups_with_the_embedding() -> None:
+    await check_follow_ups(TrainedRouter())
+
+
 def test_trained_router_weighs_earlier_turns() -> None:
     model = load_model()
-    alone = model.conversation_probability(router_input(user("Why?")))
-    after_math = model.conversation_probability(router_input(MATH_THEN_WHY))
+    alone = model.probability(router_input(user("Why?")))
+    after_math = model.probability(router_input(MATH_THEN_WHY))
     assert after_math < alone
+
+
+@pytest.mark.slow
+def test_the_embedding_reads_the_earlier_turns_and_the_system_prompt() -> None:
+    from sot.router.embeddings import shared_embedder
+
+    model = load_model()
+    assert model.embedding is not None
+    embed = shared_embedder(model.embedding).embed
+    why = router_input(user("Why?"))
+    after_math = router_input(MATH_THEN_WHY)
+    assert embed(why) != embed(after_math)
+    assert model.probability(after_math, embed(after_math)) < model.probability(why, embed(why))
+    brief = router_input([Message(role="system", content="Answer in one sentence."), *user("Benefits of tea?")])
+    plain = router_input(user("Benefits of tea?"))
+    assert model.probability(brief, embed(brief)) < model.probability(plain, embed(plain))
 
 
 async def test_prompting_router_shows_the_model_the_earlier_turns() -> None:
@@ -465,20 +554,35 @@ def test_metrics_with_no_predictions_are_undefined_not_zero() -> None:
 # -- on the benchmarks --------------------------------------------------------------------------------
 
 
-@needs_shared
-@pytest.mark.parametrize(("router", "min_accuracy"), [(TrainedRouter(), 0.75), (HeuristicRouter(), 0.85)])
-def test_vicuna80(router: TrainedRouter, min_accuracy: float) -> None:
+def vicuna_metrics(router: TrainedRouter | HeuristicRouter) -> Any:
     rows = read_jsonl(VICUNA)
     preds = [router.decide_view(router_input(user(str(r["question"])))).use_sot for r in rows]
-    m = compute_metrics([bool(r["sot_suitable"]) for r in rows], preds, [str(r["category"]) for r in rows])
+    return compute_metrics([bool(r["sot_suitable"]) for r in rows], preds, [str(r["category"]) for r in rows])
+
+
+@needs_shared
+@pytest.mark.parametrize(("router", "min_accuracy"), [(words_only(), 0.8), (HeuristicRouter(), 0.85)])
+def test_vicuna80(router: TrainedRouter, min_accuracy: float) -> None:
+    m = vicuna_metrics(router)
     assert m.overall.accuracy is not None and m.overall.accuracy > min_accuracy  # majority class: 0.538
     assert m.subset(NO_SOT).fp <= 1
     assert m.overall.false_sot_rate is not None and m.overall.false_sot_rate < 0.1
 
 
 @needs_shared
+@pytest.mark.slow
+def test_vicuna80_with_the_embedding_meets_the_targets() -> None:
+    # Vicuna-80 was not used to train or tune the packaged model (README, "SoT-R: routing").
+    m = vicuna_metrics(TrainedRouter())
+    assert m.overall.accuracy is not None and m.overall.accuracy >= 0.85
+    assert m.overall.false_sot_rate is not None and m.overall.false_sot_rate <= 0.10
+    assert m.subset(NO_SOT).fp <= 1
+
+
+@needs_shared
 def test_cli_eval_json_on_vicuna80() -> None:
-    result = CliRunner().invoke(router_cli, ["eval", str(VICUNA), "--router", "trained", "--json", "--errors"])
+    args = ["eval", str(VICUNA), "--router", "trained", "--words-only", "--json", "--errors"]
+    result = CliRunner().invoke(router_cli, args)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["router"] == "trained" and report["overall"]["n"] == 80
@@ -486,6 +590,9 @@ def test_cli_eval_json_on_vicuna80() -> None:
     assert set(report["by_category"]) >= set(NO_SOT)
     assert report["no_sot_categories"]["fp"] <= 1
     assert len(report["errors"]) == report["overall"]["fp"] + report["overall"]["fn"]
+    low, high = report["accuracy_ci95"]
+    assert low < report["overall"]["accuracy"] < high
+    assert report["decision_latency"]["p50_ms"] <= report["decision_latency"]["p99_ms"]
 
 
 @needs_shared
@@ -494,6 +601,7 @@ def test_cli_eval_table_and_prompting_through_a_backend() -> None:
     table = runner.invoke(router_cli, ["eval", str(VICUNA), "--router", "heuristic"])
     assert table.exit_code == 0, table.output
     assert "coding+math+fermi" in table.output and "majority-class baseline 53.8%" in table.output
+    assert "95% Wilson" in table.output
     # The scripted backend answers prose: every decision falls back to normal decoding.
     prompted = runner.invoke(router_cli, ["eval", str(VICUNA), "--router", "prompting", "-b", "scripted", "--json"])
     assert prompted.exit_code == 0, prompted.output
@@ -505,6 +613,8 @@ def test_cli_eval_errors_cleanly(tmp_path: Path) -> None:
     unlabelled = tmp_path / "q.jsonl"
     unlabelled.write_text('{"question": "Hi?"}\n', encoding="utf-8")
     result = CliRunner().invoke(router_cli, ["eval", str(unlabelled)])
-    assert result.exit_code == 2 and "sot_suitable" in result.output
+    assert result.exit_code == 2 and "no labelled question" in result.output
     result = CliRunner().invoke(router_cli, ["eval", str(tmp_path / "absent.jsonl")])
-    assert result.exit_code != 0 and "no such dataset" in result.output
+    assert result.exit_code != 0 and "does not exist" in result.output
+    result = CliRunner().invoke(router_cli, ["eval"])
+    assert result.exit_code == 2 and "--cross" in result.output

@@ -1,8 +1,8 @@
 """SoT-R routers: decide per conversation whether to answer with Skeleton-of-Thought or normal decoding.
 
 Three routers share one protocol (`Router.decide(messages) -> RouteDecision`):
-- `trained`: a TF-IDF + logistic-regression classifier shipped as JSON, pure Python, under a millisecond;
-  the default for `--mode auto`.
+- `trained`: logistic regression over word features and the embedded model's mean-pooled first-layer
+  hidden states, shipped as JSON; 1-2 ms a question on CPU; the default for `--mode auto`.
 - `heuristic`: readable rules (code, math, step-by-step, short answers, list cues); a fallback and baseline.
 - `prompting`: one 4-token call asking the serving model to choose A (independent points), B or C.
 All of them read the whole conversation, bounded (`router_input`), and answer normal decoding when unsure.
@@ -29,15 +29,22 @@ def make_router(
     backend: Backend | None = None,
     model_path: str | Path | None = None,
     prompt_path: str | Path | None = None,
+    words_only: bool = False,
 ) -> Router:
     """A router by name. `model_path` replaces the packaged trained model; `prompt_path` the default
     routing prompt (JSON with a "prompt" field, e.g. the paper's, or plain text with `{request}`).
+
+    `words_only` makes the trained router skip the embedding model (word features only).
 
     Raises `ConfigError` for an unknown name, and for `prompting` without a backend.
     """
     key = name.strip().lower()
     if key == "trained":
-        return TrainedRouter(load_model(model_path))
+        return (
+            TrainedRouter(load_model(model_path), embedder=None)
+            if words_only
+            else TrainedRouter(load_model(model_path))
+        )
     if key == "heuristic":
         return HeuristicRouter()
     if key == "prompting":

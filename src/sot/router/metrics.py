@@ -8,6 +8,7 @@ answered normally (math, code, short answers) but were given a skeleton, the cos
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +98,21 @@ class RouterMetrics:
             "majority_baseline": self.majority_baseline,
             "by_category": {name: c.to_dict() for name, c in self.by_category.items()},
         }
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion (95% by default); None when `n` is 0.
+
+    >>> [round(x, 3) for x in wilson_interval(68, 80)]
+    [0.756, 0.912]
+    """
+    if n <= 0:
+        return None
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def confusion(labels: Sequence[bool], predictions: Sequence[bool]) -> Confusion:

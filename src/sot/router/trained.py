@@ -1,200 +1,149 @@
-"""The trained router: a TF-IDF + logistic-regression text classifier, run in pure Python from a JSON file.
+"""The trained router: logistic regression over word features and the embedded model's view, from one JSON file.
 
-Inference needs nothing beyond the standard library: the packaged `trained_router.json` holds the
-vocabulary with its IDF weights and coefficients, the intercept, the decision threshold and how it was
-trained. Training (`train_model`, behind `sot router train`) uses scikit-learn, a development dependency
-imported only there, and checks that the pure-Python scores equal scikit-learn's before it saves anything.
-
-Features, chosen by cross-validation on LIMA (see `sot router train`): word unigrams and bigrams (with a
-start-of-text marker, digits folded to "0"), sublinear TF, smoothed IDF, L2 norm. Character n-grams added
-no measurable accuracy (+0.004 AUC, inside the fold-to-fold spread) at five times the size. This module
-deliberately does not guess for long inputs: every text is cut as `router_input` cuts it, before and
-after training alike.
+The packaged `trained_router.json` holds two heads over the same TF-IDF vocabulary: `combined` (word
+features plus 576 weights over the mean-pooled hidden state of SmolLM2-135M's first block, see
+`sot.router.embeddings`) and `words` (word features only). The router uses `combined`, and falls back to
+`words` when the embedding model cannot be loaded, saying so in the decision's reason. Scoring is plain
+Python over the stored weights; only the embedding needs llama.cpp. Training is `sot.router.training`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
-import hashlib
-import json
-import math
-import re
-import unicodedata
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sot.backends.base import Message
 from sot.errors import ConfigError
 from sot.router.base import RouteDecision, RouterInput, router_input
+from sot.router.embeddings import EmbeddingSpec
+from sot.router.features import display, tfidf_vector, tokens
 
-FORMAT = "sot-router-tfidf-logreg/1"
+FORMAT = "sot-router/2"
+LEGACY_FORMAT = "sot-router-tfidf-logreg/1"  # word features only; still readable
 ARTEFACT_NAME = "trained_router.json"
 
-_TOKEN = re.compile(r"[a-z]+|[0-9]+|[^\sa-z0-9]")
-START = "<s>"
-
-# A follow-up's earlier user turns count for up to this share of the score, the latest request for the
-# rest. Not fit (there is no multi-turn training data): large enough that "why?" after a math question
-# stays normal, small enough that "now write it in Python" after a list question stays a code request.
+# A follow-up's earlier user turns weigh up to this share of the word features, the latest request the
+# rest: large enough that "why?" after a math question stays normal, small enough that "now write it in
+# Python" after a list question stays a code request. Not fit (52 conversations are too few to fit it);
+# the embedding sees the whole conversation anyway.
 DEFAULT_CONTEXT_WEIGHT = 0.35
 # Elliptical follow-ups ("what about cats?") are short; a longer request says what it wants by itself,
 # so the earlier turns' share shrinks in proportion beyond this many tokens.
 SHORT_REQUEST_TOKENS = 6
+# At load, the embedder must reproduce a stored check score this closely, or the router falls back to
+# word features: it catches a different model file, not rounding (scores differ by ~1e-5 across runs).
+SELF_CHECK_TOLERANCE = 0.01
 
 
-def tokens(text: str) -> list[str]:
-    """Lower-cased word, number and symbol tokens; every number becomes "0".
+def sigmoid(x: float) -> float:
+    import math
 
-    >>> tokens("What's 2+2, MIPS?")
-    ['what', "'", 's', '0', '+', '0', ',', 'mips', '?']
-    """
-    text = unicodedata.normalize("NFKC", text).lower()
-    return ["0" if t[0] in "0123456789" else t for t in _TOKEN.findall(text)]
-
-
-def terms(text: str) -> list[str]:
-    """The model's features of one text, with repeats: unigrams, then bigrams (a start marker first).
-
-    A unigram never contains a space and a bigram always does, so the two share one vocabulary.
-
-    >>> terms("How to cook?")
-    ['how', 'to', 'cook', '?', '<s> how', 'how to', 'to cook', 'cook ?']
-    """
-    toks = tokens(text)
-    out = list(toks)
-    prev = START
-    for tok in toks:
-        out.append(prev + " " + tok)
-        prev = tok
-    return out
-
-
-def _sigmoid(x: float) -> float:
     if x >= 0:
         return 1.0 / (1.0 + math.exp(-x))
     e = math.exp(x)
     return e / (1.0 + e)
 
 
-def _round(x: float) -> float:
-    # Six significant digits keep scores within 1e-5 of the unrounded model and the file small.
-    return float(f"{x:.6g}")
+def context_share(view: RouterInput, context_weight: float) -> float:
+    """How much the earlier user turns weigh in the word features (0 for a single question)."""
+    if not view.context:
+        return 0.0
+    return context_weight * min(1.0, SHORT_REQUEST_TOKENS / max(len(tokens(view.request)), 1))
 
 
-def _display(term: str) -> str:
-    return term.replace(START + " ", "^")
+@dataclass(frozen=True)
+class Head:
+    """One logistic regression: a weight per vocabulary term, and one per embedding dimension if any."""
+
+    coef: dict[str, float]
+    intercept: float
+    threshold: float
+    embed: tuple[float, ...] = ()
+
+    def margin(self, vector: dict[str, float], embedding: Sequence[float] | None = None) -> float:
+        """The logit of a word vector (and embedding, for a combined head)."""
+        total = self.intercept + sum(self.coef.get(t, 0.0) * x for t, x in vector.items())
+        if self.embed:
+            if embedding is None or len(embedding) != len(self.embed):
+                raise ValueError(f"this head needs a {len(self.embed)}-dimensional embedding")
+            total += sum(w * x for w, x in zip(self.embed, embedding, strict=True))
+        return total
+
+
+@dataclass(frozen=True)
+class Check:
+    """A text and the probabilities scikit-learn gave it at training time, per head."""
+
+    text: str
+    words: float
+    combined: float | None = None
 
 
 @dataclass(frozen=True)
 class TrainedModel:
-    """A linear model over TF-IDF features, loaded from (and saved to) the JSON artefact."""
+    """The vocabulary, the two heads, how to embed, and how the model was trained."""
 
     idf: dict[str, float]
-    coef: dict[str, float]
-    intercept: float
-    threshold: float
+    words: Head
+    combined: Head | None = None
+    embedding: EmbeddingSpec | None = None
     context_weight: float = DEFAULT_CONTEXT_WEIGHT
     training: dict[str, Any] = field(default_factory=dict)
-    checks: tuple[tuple[str, float], ...] = ()
+    checks: tuple[Check, ...] = ()
 
-    # -- features ---------------------------------------------------------------------------------------
+    def vector(self, view: RouterInput) -> dict[str, float]:
+        """The conversation's word vector: the request's TF-IDF, blended with the earlier user turns'."""
+        vector = tfidf_vector(view.request, self.idf)
+        weight = context_share(view, self.context_weight)
+        if not weight:
+            return vector
+        blended = {t: (1.0 - weight) * x for t, x in vector.items()}
+        for t, x in tfidf_vector(view.context_text(), self.idf).items():
+            blended[t] = blended.get(t, 0.0) + weight * x
+        return blended
 
-    def vector(self, text: str) -> dict[str, float]:
-        """The L2-normalised TF-IDF vector of `text` over the model's vocabulary (scikit-learn's formula:
-        tf = 1 + ln(count), idf = ln((1 + n) / (1 + df)) + 1)."""
-        counts = Counter(t for t in terms(text) if t in self.idf)
-        weights = {t: (1.0 + math.log(c)) * self.idf[t] for t, c in counts.items()}
-        norm = math.sqrt(sum(w * w for w in weights.values()))
-        return {t: w / norm for t, w in weights.items()} if norm else {}
+    def head_for(self, embedding: Sequence[float] | None) -> Head:
+        """The combined head when there is an embedding (and the model has one), else the word head."""
+        return self.combined if embedding is not None and self.combined is not None else self.words
 
-    def margin(self, text: str) -> float:
-        """The text's contribution to the logit (without the intercept)."""
-        return sum(self.coef[t] * x for t, x in self.vector(text).items())
+    def probability(self, view: RouterInput, embedding: Sequence[float] | None = None) -> float:
+        """P(SoT suits the reply): the combined head given an embedding, else the word head."""
+        head = self.head_for(embedding)
+        return sigmoid(head.margin(self.vector(view), embedding if head.embed else None))
 
-    def probability(self, text: str) -> float:
-        """P(SoT suits the question) for a single question, as scikit-learn's `predict_proba` gives it."""
-        return _sigmoid(self.intercept + self.margin(text))
+    def text_probability(self, text: str, embedding: Sequence[float] | None = None) -> float:
+        """`probability` of a one-turn conversation."""
+        return self.probability(router_input([Message(role="user", content=text)]), embedding)
 
-    def conversation_probability(self, view: RouterInput) -> float:
-        """P(SoT) of a conversation: the latest request's margin blended with the earlier user turns'."""
-        margin = self.margin(view.request)
-        if view.context:
-            weight = self.context_weight * min(1.0, SHORT_REQUEST_TOKENS / max(len(tokens(view.request)), 1))
-            margin = (1.0 - weight) * margin + weight * self.margin(view.context_text())
-        return _sigmoid(self.intercept + margin)
-
-    def cues(self, text: str, *, positive: bool, k: int = 3) -> list[str]:
-        """The `k` terms of `text` that pushed the score most towards SoT (or towards normal)."""
-        contributions = [(self.coef[t] * x, t) for t, x in self.vector(text).items()]
+    def cues(
+        self, view: RouterInput, head: Head, *, positive: bool, k: int = 3, vector: dict[str, float] | None = None
+    ) -> list[str]:
+        """The `k` terms of the request that pushed the score most towards SoT (or towards normal);
+        `vector` is the request's TF-IDF vector when the caller has it."""
+        request = vector if vector is not None else tfidf_vector(view.request, self.idf)
+        contributions = [(head.coef.get(t, 0.0) * x, t) for t, x in request.items()]
         sign = 1.0 if positive else -1.0
         best = sorted((c for c in contributions if sign * c[0] > 0), key=lambda c: -sign * c[0])
-        return [_display(t) for _, t in best[:k]]
+        return [display(t) for _, t in best[:k]]
 
     # -- (de)serialisation ------------------------------------------------------------------------------
 
     def to_json(self) -> str:
-        """The artefact's text: a readable header, then one vocabulary entry a line (diffable, ~200 kB)."""
-        header = {
-            "format": FORMAT,
-            "features": {
-                "tokens": _TOKEN.pattern,
-                "numbers": "0",
-                "ngrams": [1, 2],
-                "start_marker": START,
-                "tf": "1 + ln(count)",
-                "idf": "ln((1 + n) / (1 + df)) + 1",
-                "norm": "l2",
-            },
-            "intercept": self.intercept,
-            "threshold": self.threshold,
-            "context_weight": self.context_weight,
-            "training": self.training,
-            "checks": [[text, p] for text, p in self.checks],
-        }
-        lines = ["{"]
-        for key, value in header.items():
-            lines.append(f"  {json.dumps(key)}: {json.dumps(value, ensure_ascii=False, sort_keys=True)},")
-        lines.append('  "vocabulary": [')
-        entries = sorted(self.idf)
-        for i, term in enumerate(entries):
-            sep = "," if i < len(entries) - 1 else ""
-            row = [term, self.idf[term], self.coef.get(term, 0.0)]
-            lines.append("    " + json.dumps(row, ensure_ascii=False) + sep)
-        lines.append("  ]")
-        lines.append("}")
-        return "\n".join(lines) + "\n"
+        """The artefact's text: a readable header, then one vocabulary entry a line (diffable)."""
+        from sot.router.artefact import model_to_json
+
+        return model_to_json(self)
 
     @classmethod
     def from_json(cls, text: str, *, source: str = "<model>") -> TrainedModel:
-        try:
-            data = json.loads(text)
-            if data.get("format") != FORMAT:
-                raise ConfigError(f"{source}: not a {FORMAT} model (format {data.get('format')!r})")
-            idf: dict[str, float] = {}
-            coef: dict[str, float] = {}
-            for term, term_idf, term_coef in data["vocabulary"]:
-                idf[str(term)] = float(term_idf)
-                if term_coef:
-                    coef[str(term)] = float(term_coef)
-            for term in idf:
-                coef.setdefault(term, 0.0)
-            return cls(
-                idf=idf,
-                coef=coef,
-                intercept=float(data["intercept"]),
-                threshold=float(data["threshold"]),
-                context_weight=float(data.get("context_weight", DEFAULT_CONTEXT_WEIGHT)),
-                training=dict(data.get("training", {})),
-                checks=tuple((str(t), float(p)) for t, p in data.get("checks", [])),
-            )
-        except ConfigError:
-            raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise ConfigError(f"{source}: malformed router model ({exc})") from None
+        from sot.router.artefact import model_from_json
+
+        return model_from_json(text, source=source)
 
 
 def packaged_model_path() -> Path:
@@ -222,209 +171,6 @@ def _packaged_model() -> TrainedModel:
     return _read_model(packaged_model_path())
 
 
-class TrainedRouter:
-    """Routes with the trained classifier: SoT when P(SoT) reaches the model's threshold."""
-
-    name = "trained"
-
-    def __init__(self, model: TrainedModel | None = None, *, threshold: float | None = None) -> None:
-        self.model = model if model is not None else load_model()
-        self.threshold = self.model.threshold if threshold is None else threshold
-
-    def decide_view(self, view: RouterInput) -> RouteDecision:
-        """The decision for an already-bounded conversation (synchronous: it takes well under a millisecond)."""
-        if not view.request:
-            return RouteDecision(False, self.name, "no user request to route: normal decoding", None)
-        p = self.model.conversation_probability(view)
-        use_sot = p >= self.threshold
-        cues = self.model.cues(view.request, positive=use_sot)
-        because = f"; cues: {', '.join(repr(c) for c in cues)}" if cues else ""
-        follow = " (follow-up, earlier turns weighed in)" if view.context else ""
-        verdict = f"p(SoT)={p:.3f} {'≥' if use_sot else '<'} {self.threshold:.2f}{follow}{because}"
-        return RouteDecision(use_sot, self.name, verdict, p)
-
-    async def decide(self, messages: Sequence[Message]) -> RouteDecision:
-        return self.decide_view(router_input(messages))
-
-
-# -- training -----------------------------------------------------------------------------------------
-
-# The texts whose scores are stored with the model, so that a test can check the pure-Python scorer
-# against scikit-learn's without the training data. Written for this purpose, not taken from a dataset.
-CHECK_TEXTS = (
-    "What are some effective ways to improve my sleep?",
-    "Solve for x: 2x + 3 = 11.",
-    "Write a Python function that reverses a linked list.",
-    "How to plan a birthday party on a budget?",
-    "Tell me a joke about cats.",
-    "What if the printing press had never been invented?",
-    "",
-)
-
-
-@dataclass(frozen=True)
-class LabelledText:
-    text: str
-    label: bool
-
-
-def prepare(question: str) -> str:
-    """A question cut exactly as a one-turn conversation is cut for routing (train/serve parity)."""
-    return router_input([Message(role="user", content=question)]).request
-
-
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _precision_threshold(
-    probs: Sequence[Sequence[float]], labels: Sequence[bool], min_precision: float
-) -> tuple[float, bool]:
-    """The lowest threshold (0.30 to 0.90 in steps of 0.01) whose cross-validated precision, averaged over
-    repeats, reaches `min_precision`; or the most precise one if none does (flagged False)."""
-    from sot.router.metrics import confusion
-
-    best = (0.5, -1.0)
-    for step in range(30, 91):
-        t = step / 100
-        precisions = [confusion(labels, [p >= t for p in run]).precision for run in probs]
-        if any(p is None for p in precisions):
-            break
-        mean = sum(p for p in precisions if p is not None) / len(precisions)
-        if mean >= min_precision:
-            return t, True
-        if mean > best[1]:
-            best = (t, mean)
-    return best[0], False
-
-
-def train_model(
-    dataset: str | Path,
-    *,
-    seed: int = 0,
-    min_precision: float = 0.75,
-    c_values: Iterable[float] = (1.0, 3.0, 10.0),
-    folds: int = 5,
-    repeats: int = 3,
-    context_weight: float = DEFAULT_CONTEXT_WEIGHT,
-    progress: Any = None,
-) -> TrainedModel:
-    """Fit the router on a labelled JSONL dataset (`question`, `sot_suitable`); deterministic for a seed.
-
-    Regularisation C is chosen by cross-validated ROC AUC (`repeats` x `folds`-fold, stratified, the
-    TF-IDF vocabulary refit inside each fold); the decision threshold is the lowest one whose
-    cross-validated precision reaches `min_precision`, which keeps the router on the side of normal
-    decoding: a skeleton for a math question costs more than a missed skeleton.
-    """
-    try:
-        import numpy as np
-        import sklearn
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.metrics import roc_auc_score
-        from sklearn.model_selection import StratifiedKFold, cross_val_predict
-        from sklearn.pipeline import make_pipeline
-    except ImportError as exc:
-        raise ConfigError(
-            f"training the router needs scikit-learn ({exc.name} is missing): pip install scikit-learn"
-        ) from None
-    from sot.eval.dataset import load_dataset
-    from sot.router.metrics import confusion
-
-    def say(message: str) -> None:
-        if progress is not None:
-            progress(message)
-
-    path = Path(dataset)
-    rows = [q for q in load_dataset(path) if q.sot_suitable is not None]
-    if len(rows) < 2 * folds:
-        raise ConfigError(f"{path}: {len(rows)} labelled questions; training needs at least {2 * folds}")
-    texts = [prepare(q.question) for q in rows]
-    labels = [bool(q.sot_suitable) for q in rows]
-    y = np.array(labels, dtype=int)
-    if y.sum() < folds or (len(y) - y.sum()) < folds:
-        raise ConfigError(f"{path}: too few examples of one label for {folds}-fold cross-validation")
-
-    # Each fold refits the vocabulary; tokenising every text once, not once per fold, saves most of the time.
-    cached = {t: terms(t) for t in texts}
-
-    def analyzer(text: str) -> list[str]:
-        return cached[text] if text in cached else terms(text)
-
-    def pipeline(c: float) -> Any:
-        return make_pipeline(
-            TfidfVectorizer(analyzer=analyzer, sublinear_tf=True, min_df=2, dtype=np.float64),
-            LogisticRegression(C=c, max_iter=5000),
-        )
-
-    cv_runs: dict[float, list[list[float]]] = {}
-    aucs: dict[float, float] = {}
-    for c in c_values:
-        runs = []
-        for r in range(repeats):
-            split = StratifiedKFold(folds, shuffle=True, random_state=seed + r)
-            oof = cross_val_predict(pipeline(c), texts, y, cv=split, method="predict_proba")[:, 1]
-            runs.append([float(p) for p in oof])
-        cv_runs[c] = runs
-        aucs[c] = sum(float(roc_auc_score(y, run)) for run in runs) / repeats
-        say(f"C={c:g}: cross-validated ROC AUC {aucs[c]:.3f}")
-    best_c = max(aucs, key=lambda c: (aucs[c], -c))  # ties go to the stronger regularisation
-    threshold, reached = _precision_threshold(cv_runs[best_c], labels, min_precision)
-    say(f"chose C={best_c:g}; threshold {threshold:.2f} (CV precision target {min_precision:.2f})")
-
-    cv_confusions = [confusion(labels, [p >= threshold for p in run]) for run in cv_runs[best_c]]
-
-    def mean_of(metric: str) -> float | None:
-        values = [getattr(cm, metric) for cm in cv_confusions]
-        return None if None in values else round(sum(values) / len(values), 4)
-
-    fitted = pipeline(best_c).fit(texts, y)
-    vectorizer, classifier = fitted.steps[0][1], fitted.steps[1][1]
-    idf = {str(t): _round(float(vectorizer.idf_[j])) for t, j in vectorizer.vocabulary_.items()}
-    coef = {str(t): _round(float(classifier.coef_[0, j])) for t, j in vectorizer.vocabulary_.items()}
-    intercept = _round(float(classifier.intercept_[0]))
-
-    training = {
-        "dataset": path.name,
-        "dataset_sha256": sha256_file(path),
-        "examples": len(rows),
-        "positives": int(y.sum()),
-        "seed": seed,
-        "folds": folds,
-        "repeats": repeats,
-        "C": best_c,
-        "cv_auc_by_C": {f"{c:g}": round(a, 4) for c, a in aucs.items()},
-        "threshold_rule": f"lowest threshold with mean CV precision >= {min_precision}",
-        "threshold_rule_met": reached,
-        "cv_at_threshold": {
-            "accuracy": mean_of("accuracy"),
-            "precision": mean_of("precision"),
-            "recall": mean_of("recall"),
-            "false_sot_rate": mean_of("false_sot_rate"),
-            "auc": round(aucs[best_c], 4),
-        },
-        "vocabulary_size": len(idf),
-        "scikit_learn": sklearn.__version__,
-    }
-    sk_checks = fitted.predict_proba(list(CHECK_TEXTS))[:, 1]
-    model = TrainedModel(
-        idf=idf,
-        coef=coef,
-        intercept=intercept,
-        threshold=threshold,
-        context_weight=context_weight,
-        training=training,
-        checks=tuple((t, _round(float(p))) for t, p in zip(CHECK_TEXTS, sk_checks, strict=True)),
-    )
-    # Parity: the pure-Python scorer must give scikit-learn's probabilities on every training text.
-    reference = fitted.predict_proba(texts)[:, 1]
-    worst = max(abs(model.probability(t) - float(p)) for t, p in zip(texts, reference, strict=True))
-    if worst > 1e-4:
-        raise RuntimeError(f"pure-Python scores differ from scikit-learn's by up to {worst:.2e}")
-    say(f"pure-Python scores match scikit-learn's (max difference {worst:.1e})")
-    return model
-
-
 def save_model(model: TrainedModel, path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -432,3 +178,113 @@ def save_model(model: TrainedModel, path: str | Path) -> Path:
     if out.resolve() == packaged_model_path().resolve():
         _packaged_model.cache_clear()
     return out
+
+
+class EmbedderLike(Protocol):
+    """What the router needs of an embedder (`sot.router.embeddings.open_embedder`'s, or a test double)."""
+
+    def embed(self, view: RouterInput) -> list[float]: ...
+
+
+class _Auto:
+    """The default embedder: the shared one for the model's `EmbeddingSpec`, loaded on first use."""
+
+
+AUTO = _Auto()
+
+
+class TrainedRouter:
+    """Routes with the trained model: SoT when P(SoT) reaches the head's threshold.
+
+    `embedder`: AUTO (default) loads the embedded model's tokenizer and the tensors the model reads, on
+    first use (`prepare`); None routes on word features only; anything with `embed(view)` is used as
+    given. When no embedding is available the word head decides and the reason says why.
+    """
+
+    name = "trained"
+
+    def __init__(
+        self,
+        model: TrainedModel | None = None,
+        *,
+        threshold: float | None = None,
+        embedder: EmbedderLike | _Auto | None = AUTO,
+    ) -> None:
+        self.model = model if model is not None else load_model()
+        self.threshold = threshold
+        self._embedder_choice = embedder
+        self._embedder: EmbedderLike | None = None
+        self.fallback_reason: str | None = None
+        self._ready = False
+
+    @property
+    def ready(self) -> bool:
+        """Whether the embedder was loaded (or given up on): deciding then takes milliseconds."""
+        return self._ready
+
+    def prepare(self) -> None:
+        """Load the embedder now (otherwise the first decision does); never raises."""
+        if self._ready:
+            return
+        self._embedder, self.fallback_reason = self._acquire()
+        self._ready = True
+
+    def _acquire(self) -> tuple[EmbedderLike | None, str | None]:
+        model = self.model
+        if model.combined is None or model.embedding is None:
+            return None, "the model has no embedding head"
+        choice = self._embedder_choice
+        if choice is None:
+            return None, "embedding disabled"
+        if isinstance(choice, _Auto):
+            from sot.router.embeddings import shared_embedder
+
+            try:
+                choice = shared_embedder(model.embedding)
+            except Exception as exc:  # a missing package, file or library: route on words, say why
+                return None, f"the embedding model could not be loaded ({exc})"
+        check = next((c for c in model.checks if c.combined is not None), None)
+        if check is not None and check.combined is not None:
+            try:
+                got = model.text_probability(check.text, choice.embed(router_input(_user(check.text))))
+            except Exception as exc:
+                return None, f"the embedding model failed ({exc})"
+            if abs(got - check.combined) > SELF_CHECK_TOLERANCE:
+                return None, f"the embedding model does not match training (check {got:.3f} vs {check.combined:.3f})"
+        return choice, None
+
+    def decide_view(self, view: RouterInput) -> RouteDecision:
+        """The decision for an already-bounded conversation (synchronous; loads the embedder if needed)."""
+        if not view.request:
+            return RouteDecision(False, self.name, "no user request to route: normal decoding", None)
+        self.prepare()
+        embedding: list[float] | None = None
+        note = ""
+        if self._embedder is not None:
+            try:
+                embedding = self._embedder.embed(view)
+            except Exception as exc:
+                note = f" [word features only: embedding failed ({exc})]"
+        elif self.fallback_reason:
+            note = f" [word features only: {self.fallback_reason}]"
+        model = self.model
+        head = model.head_for(embedding)
+        vector = model.vector(view)
+        p = sigmoid(head.margin(vector, embedding if head.embed else None))
+        threshold = head.threshold if self.threshold is None else self.threshold
+        use_sot = p >= threshold
+        cues = model.cues(view, head, positive=use_sot, vector=None if view.context else vector)
+        because = f"; cues: {', '.join(repr(c) for c in cues)}" if cues else ""
+        follow = " (follow-up, earlier turns weighed in)" if view.context or view.transcript_turns else ""
+        verdict = f"p(SoT)={p:.3f} {'≥' if use_sot else '<'} {threshold:.2f}{follow}{because}{note}"
+        return RouteDecision(use_sot, self.name, verdict, p)
+
+    async def decide(self, messages: Sequence[Message]) -> RouteDecision:
+        view = router_input(messages)
+        if view.request and not self._ready:
+            await asyncio.to_thread(self.prepare)  # loading takes ~0.2 s, once per process
+        return self.decide_view(view)
+
+
+def _user(text: str) -> list[Message]:
+    return [Message(role="user", content=text)]
