@@ -358,7 +358,7 @@ def _cross(lima: Path, vicuna: Path, own: Path, words_only: bool, as_json: bool)
         "precision",
         "recall",
         "false-SoT",
-        "coding+math+fermi",
+        "code+math+fermi to SoT",
         "targets",
     ):
         table.add_column(column, justify="right")

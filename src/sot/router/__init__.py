@@ -1,8 +1,8 @@
 """SoT-R routers: decide per conversation whether to answer with Skeleton-of-Thought or normal decoding.
 
 Three routers share one protocol (`Router.decide(messages) -> RouteDecision`):
-- `trained`: logistic regression over word features and the embedded model's mean-pooled first-layer
-  hidden states, shipped as JSON; 1-2 ms a question on CPU; the default for `--mode auto`.
+- `trained`: logistic regression over word features and the embedded model's mean-pooled first hidden
+  state, shipped as JSON; well under a millisecond a question on CPU; the default for `--mode auto`.
 - `heuristic`: readable rules (code, math, step-by-step, short answers, list cues); a fallback and baseline.
 - `prompting`: one 4-token call asking the serving model to choose A (independent points), B or C.
 All of them read the whole conversation, bounded (`router_input`), and answer normal decoding when unsure.

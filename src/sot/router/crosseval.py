@@ -25,8 +25,9 @@ DEFAULT_PAIRS: tuple[tuple[tuple[str, ...], str], ...] = (
     (("LIMA",), "own"),
     (("own",), "LIMA"),
 )
-# Where a skeleton is plainly wrong (Vicuna-80 categories); the target is at most 1 of these 20 sent to SoT.
-NO_SOT_CATEGORIES = ("coding", "math", "fermi")
+# Where a skeleton is plainly wrong: Vicuna-80's categories (the target is at most 1 of its 20 sent to SoT)
+# and the packaged data's kinds for the same requests.
+NO_SOT_CATEGORIES = ("coding", "math", "fermi", "code", "estimate")
 TARGETS = {"accuracy": 0.85, "false_sot_rate": 0.10, "no_sot_max": 1}
 
 
@@ -72,9 +73,9 @@ class CrossRun:
             "false_sot": [c.fp, negatives],
             "tp_fp_fn_tn": [c.tp, c.fp, c.fn, c.tn],
         }
-        if hard:
+        if hard:  # normal-labelled questions of those kinds that were given a skeleton
             subset: Confusion = m.subset(hard)
-            out["no_sot_categories"] = {"categories": hard, "sent_to_sot": subset.fp + subset.tp, "n": subset.n}
+            out["no_sot_categories"] = {"categories": hard, "sent_to_sot": subset.fp, "n": subset.fp + subset.tn}
         out["targets"] = targets_met(out) if self.test.lower().startswith("vicuna") else None
         return out
 

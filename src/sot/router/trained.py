@@ -1,10 +1,11 @@
 """The trained router: logistic regression over word features and the embedded model's view, from one JSON file.
 
 The packaged `trained_router.json` holds two heads over the same TF-IDF vocabulary: `combined` (word
-features plus 576 weights over the mean-pooled hidden state of SmolLM2-135M's first block, see
+features plus 576 weights over a mean-pooled hidden state of SmolLM2-135M, the embedded model, see
 `sot.router.embeddings`) and `words` (word features only). The router uses `combined`, and falls back to
-`words` when the embedding model cannot be loaded, saying so in the decision's reason. Scoring is plain
-Python over the stored weights; only the embedding needs llama.cpp. Training is `sot.router.training`.
+`words` when the embedding cannot be computed, saying so in the decision's reason. Scoring is plain
+Python over the stored weights; the embedding needs the packaged GGUF and llama.cpp's tokenizer. Training
+is `sot.router.training`.
 """
 
 from __future__ import annotations

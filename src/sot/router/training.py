@@ -1,7 +1,7 @@
 """Fit the trained router (`sot router train`): word features plus the embedded model's view, seeded CV.
 
-Deterministic for the data, seed, scikit-learn version and machine (the embedding is computed by
-llama.cpp; across CPUs its float sums may differ in the last bits). Recipe, fixed before any test set
+Deterministic for the data, seed and scikit-learn version (an embedding computed through llama.cpp's
+graph, `--stage ffn_inp|l_out`, may differ in its last bits across CPUs). Recipe, fixed before any test set
 was scored:
 - features: TF-IDF of the latest request (blended with the earlier user turns for follow-ups, as routing
   blends them) and, for the combined head, the standardised embedding scaled by `s`;
