@@ -546,6 +546,17 @@ def test_metrics_per_category_by_hand() -> None:
         compute_metrics([True], [True, False])
 
 
+@pytest.mark.parametrize(
+    "module", ["base", "embeddings", "features", "gguf_file", "metrics", "trained", "training", "crosseval", "data"]
+)
+def test_router_doctests(module: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(f"sot.router.{module}"))
+    assert result.failed == 0
+
+
 def test_metrics_with_no_predictions_are_undefined_not_zero() -> None:
     c = confusion([], [])
     assert c.n == 0 and c.accuracy is None and c.precision is None

@@ -182,5 +182,18 @@ def test_cli_cross_evaluation_reports_every_pair() -> None:
     for r in runs:
         assert r["head"] == "words" and r["majority_baseline"] is not None and r["accuracy_ci95"] is not None
         assert (r["targets"] is not None) == (r["test"] == "Vicuna-80")
-    table = CliRunner().invoke(router_cli, ["eval", "--cross", "--words-only"], env={"COLUMNS": "200"})
-    assert table.exit_code == 0 and "LIMA+own -> Vicuna-80" in table.output and "majority" in table.output
+
+
+def test_cli_cross_evaluation_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import sot.cli.router_cmd as router_cmd
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"question": "Tips?", "label": true}\n', encoding="utf-8")
+    labels = (True,) * 37 + (False,) * 43
+    run = CrossRun(("LIMA", "own"), "Vicuna-80", "combined", 0.5, labels, (0.9,) * 80, ("coding",) * 80)
+    monkeypatch.setattr(router_cmd, "cross_evaluate", lambda sources, **kwargs: [run])
+    args = ["eval", "--cross", "--lima", str(data), "--vicuna", str(data), "--own", str(data)]
+    table = CliRunner().invoke(router_cli, args, env={"COLUMNS": "200"})
+    assert table.exit_code == 0, table.output
+    assert "LIMA+own -> Vicuna-80" in table.output and "majority" in table.output and "53.8%" in table.output
+    assert "missed" in table.output and "all met" not in table.output
