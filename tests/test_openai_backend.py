@@ -164,7 +164,9 @@ async def test_wrong_base_url_is_a_connection_error() -> None:
 
 
 async def test_a_consumer_that_leaves_cancels_the_upstream_requests(upstream_factory: Callable[..., str]) -> None:
-    base_url = upstream_factory(ttft=0.01, tokens_per_second=20, tokens_per_answer=100)
+    # 0.3 s to the first token: every point request has reached the upstream before point 1's first text,
+    # even on a loaded machine (a request cancelled before it was sent never shows upstream).
+    base_url = upstream_factory(ttft=0.3, tokens_per_second=20, tokens_per_answer=100)
     engine = make_engine(base_url)
     events = engine.stream(QUESTION, "sot")
     async for event in events:
