@@ -188,11 +188,11 @@ class TokenEmbedder:
         return self.embed_tokens(self.tokenizer.conversation_tokens(view))
 
     def close(self) -> None:
-        import llama_cpp as ll
+        """Free the vocabulary-only model (idempotent)."""
+        from sot.backends.local.llama_runtime import free_native
 
-        if self._model is not None:
-            ll.llama_model_free(self._model)
-            self._model = None
+        free_native(model=self._model)
+        self._model = None
 
 
 def model_file(

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from sot.backends.local.llama_runtime import free_native
 from sot.errors import ConfigError
 from sot.router.base import RouterInput
 from sot.router.embeddings import ChatTokenizer, EmbeddingSpec, _install_logging
@@ -124,14 +125,5 @@ class GraphEmbedder:
 
     def close(self) -> None:
         """Free the batch, context and model (idempotent)."""
-        import llama_cpp as ll
-
-        if self._batch is not None:
-            ll.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx is not None:
-            ll.llama_free(self._ctx)
-            self._ctx = None
-        if self._model is not None:
-            ll.llama_model_free(self._model)
-            self._model = None
+        free_native(self._batch, self._ctx, self._model)
+        self._batch = self._ctx = self._model = None

@@ -49,6 +49,19 @@ def _install_log_callback() -> None:
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
+def free_native(batch: Any = None, ctx: Any = None, model: Any = None) -> None:
+    """Free whichever of a llama.cpp batch, context and model are set, in the order llama.cpp needs (a
+    context before the model it was made from). Every owner of native llama.cpp objects closes through this."""
+    import llama_cpp as ll
+
+    if batch is not None:
+        ll.llama_batch_free(batch)
+    if ctx is not None:
+        ll.llama_free(ctx)
+    if model is not None:
+        ll.llama_model_free(model)
+
+
 @dataclass(frozen=True, slots=True)
 class ContextParams:
     """How to build the llama.cpp context."""
@@ -128,17 +141,8 @@ class LlamaRuntime:
 
     def close(self) -> None:
         """Free the batch, the context and the model (idempotent)."""
-        import llama_cpp as ll
-
-        if self._batch is not None:
-            ll.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx is not None:
-            ll.llama_free(self._ctx)
-            self._ctx = None
-        if self._model is not None:
-            ll.llama_model_free(self._model)
-            self._model = None
+        free_native(self._batch, self._ctx, self._model)
+        self._batch = self._ctx = self._model = None
 
     # ------------------------------------------------------------------------------------ decoding
     def decode(
