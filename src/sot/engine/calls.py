@@ -37,6 +37,13 @@ class Deadline:
         return self.at - asyncio.get_running_loop().time()
 
 
+def cancel_requested() -> bool:
+    """Whether the current task was asked to stop (by us or our caller), as opposed to a `CancelledError`
+    that some code raised on its own: only the first may pass as a cancellation."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def earliest(*deadlines: Deadline) -> Deadline:
     """The deadline that comes first."""
     return min(deadlines, key=lambda d: d.at)
@@ -130,9 +137,8 @@ def _mapped(backend: Backend, stage: str, deadline: Deadline, stall_timeout: flo
             f"the {backend.name} backend timed out during the {stage}: {exc or 'TimeoutError'}", backend=backend.name
         ) from exc
     except asyncio.CancelledError as exc:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise  # we (or our caller) asked for it
+        if cancel_requested():
+            raise
         raise ContractError(
             f"the {backend.name} backend raised CancelledError during the {stage} without being cancelled",
             backend=backend.name,

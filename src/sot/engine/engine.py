@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from sot.backends.base import Backend, Message
 from sot.core.conversation import Conversation, normalize_conversation
 from sot.core.prompts import CHAT, SMOLLM, PromptSet
+from sot.engine.calls import cancel_requested
 from sot.engine.config import EngineConfig, recommended_sampling
 from sot.engine.normal import answer_normally
 from sot.engine.run import Run, describe
@@ -164,8 +165,7 @@ class Engine:
         except TimeoutError:
             reason = f"the router gave no decision within {self.config.route_deadline:g} s (route_deadline)"
         except asyncio.CancelledError as exc:
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if cancel_requested():
                 raise
             reason = f"the router failed: {describe(exc)}"
         except Exception as exc:
@@ -202,6 +202,5 @@ async def _stop(worker: asyncio.Task[None]) -> None:
     try:
         await worker
     except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
+        if cancel_requested():
             raise

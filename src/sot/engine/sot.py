@@ -29,6 +29,7 @@ from sot.events import (
     Fallback,
     PointDelta,
     PointDone,
+    PointFinish,
     PointStarted,
     PointStats,
     Result,
@@ -216,8 +217,7 @@ class SoTAnswer:
         )
         max_sentences = config.point_max_sentences or self.prompts.point_max_sentences
         if self.point_tokens == 0:  # the answer's token budget is spent: the point stays empty, and cut
-            self.record(index, point, run.clock.now(), 0.0, 0, "length", 0)
-            self.on_point_event(_point_done(index, "", "length", 0, 0.0, 0))
+            self.point_over(index, point, run.clock.now(), 0.0, text="", finish="length", tokens=0, attempts=0)
             return
         async with self.parallel:
             start = run.clock.now()
@@ -243,15 +243,29 @@ class SoTAnswer:
                     sent=lambda: self.sent(index),
                 )
             except BackendError as exc:
-                seconds = run.clock.now() - start
-                self.record(index, point, start, seconds, 0, "error", state.attempts)
-                self.on_point_event(_point_done(index, "", "error", 0, seconds, state.attempts, describe(exc)))
+                self.point_over(
+                    index,
+                    point,
+                    start,
+                    run.clock.now() - start,
+                    text="",
+                    finish="error",
+                    tokens=0,
+                    attempts=state.attempts,
+                    error=describe(exc),
+                )
                 raise PointFailed(index, state.attempts, exc) from exc
             self.send_point_text(index, state.flush())
-            seconds = run.clock.now() - start
-            finish = "length" if outcome.finish == "length" else "stop"
-            self.record(index, point, start, seconds, outcome.chunks, finish, state.attempts)
-            self.on_point_event(_point_done(index, state.final, finish, outcome.chunks, seconds, state.attempts))
+            self.point_over(
+                index,
+                point,
+                start,
+                run.clock.now() - start,
+                text=state.final,
+                finish="length" if outcome.finish == "length" else "stop",
+                tokens=outcome.chunks,
+                attempts=state.attempts,
+            )
 
     def send_point_text(self, index: int, text: str) -> None:
         if text:
@@ -274,20 +288,41 @@ class SoTAnswer:
         elif isinstance(event, PointDone) and event.error is None:
             self.run.send_answer(self.order.point_done(event.index, event.text))
 
-    def record(
-        self, index: int, point: str, start: float, seconds: float, tokens: int, finish: str, attempts: int
+    def point_over(
+        self,
+        index: int,
+        point: str,
+        start: float,
+        seconds: float,
+        *,
+        text: str,
+        finish: PointFinish,
+        tokens: int,
+        attempts: int,
+        error: str | None = None,
     ) -> None:
-        self.run.stats.points.append(
-            PointStats(
-                index=index,
-                point=point,
-                start=start,
-                seconds=seconds,
-                tokens=tokens,
-                finish_reason="error" if finish == "error" else ("length" if finish == "length" else "stop"),
-                attempts=attempts,
-            )
+        """Point `index` is over: its statistics for the result, and its `point_done` event."""
+        stats = PointStats(
+            index=index,
+            point=point,
+            start=start,
+            seconds=seconds,
+            tokens=tokens,
+            finish_reason=finish,
+            attempts=attempts,
         )
+        self.run.stats.points.append(stats)
+        done = PointDone(
+            index=index,
+            text=text,
+            finish_reason=finish,
+            truncated=finish == "length",
+            tokens=tokens,
+            seconds=seconds,
+            attempts=attempts,
+            error=error,
+        )
+        self.on_point_event(done)
 
     def result(self) -> Result:
         order = self.order
@@ -371,21 +406,6 @@ class _PointText:
             self.fed = len(self.raw)
         self.pending += self.live.flush()
         return self.shown()
-
-
-def _point_done(
-    index: int, text: str, finish: str, tokens: int, seconds: float, attempts: int, error: str | None = None
-) -> PointDone:
-    return PointDone(
-        index=index,
-        text=text,
-        finish_reason="error" if error else ("length" if finish == "length" else "stop"),
-        truncated=finish == "length",
-        tokens=tokens,
-        seconds=seconds,
-        attempts=attempts,
-        error=error,
-    )
 
 
 def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
