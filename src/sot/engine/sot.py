@@ -206,15 +206,7 @@ class SoTAnswer:
         """Expand point `index` (seeing the skeleton as `shown`); raise `PointFailed` if it fails for good."""
         run, config = self.run, self.config
         point = shown[index - 1]
-        prompt, prefill = point_request(self.prompts, run.messages, shown, index, prefill=self.prefill)
-        sampling = replace(config.sampling, max_tokens=self.point_tokens)
-        request = GenerationRequest(
-            messages=tuple(prompt),
-            sampling=sampling,
-            prefill=prefill,
-            stop=("\n\n",),
-            cache_key=run.key,
-        )
+        request = self.point_request(index, shown)
         max_sentences = config.point_max_sentences or self.prompts.point_max_sentences
         if self.point_tokens == 0:  # the answer's token budget is spent: the point stays empty, and cut
             self.point_over(index, point, run.clock.now(), 0.0, text="", finish="length", tokens=0, attempts=0)
@@ -266,6 +258,14 @@ class SoTAnswer:
                 tokens=outcome.chunks,
                 attempts=state.attempts,
             )
+
+    def point_request(self, index: int, shown: list[str]) -> GenerationRequest:
+        """The request that expands point `index`, seeing the skeleton as `shown`."""
+        prompt, prefill = point_request(self.prompts, self.run.messages, shown, index, prefill=self.prefill)
+        sampling = replace(self.config.sampling, max_tokens=self.point_tokens)
+        return GenerationRequest(
+            messages=tuple(prompt), sampling=sampling, prefill=prefill, stop=("\n\n",), cache_key=self.run.key
+        )
 
     def send_point_text(self, index: int, text: str) -> None:
         if text:
