@@ -206,7 +206,7 @@ class SoTAnswer:
         """Expand point `index` (seeing the skeleton as `shown`); raise `PointFailed` if it fails for good."""
         run, config = self.run, self.config
         point = shown[index - 1]
-        request = self.point_request(index, shown)
+        request = self.expansion_request(index, shown)
         max_sentences = config.point_max_sentences or self.prompts.point_max_sentences
         if self.point_tokens == 0:  # the answer's token budget is spent: the point stays empty, and cut
             self.point_over(index, point, run.clock.now(), 0.0, text="", finish="length", tokens=0, attempts=0)
@@ -259,7 +259,7 @@ class SoTAnswer:
                 attempts=state.attempts,
             )
 
-    def point_request(self, index: int, shown: list[str]) -> GenerationRequest:
+    def expansion_request(self, index: int, shown: list[str]) -> GenerationRequest:
         """The request that expands point `index`, seeing the skeleton as `shown`."""
         prompt, prefill = point_request(self.prompts, self.run.messages, shown, index, prefill=self.prefill)
         sampling = replace(self.config.sampling, max_tokens=self.point_tokens)
