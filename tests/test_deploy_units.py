@@ -43,14 +43,15 @@ def test_a_client_names_its_conversation_by_header_or_user() -> None:
 def test_the_openai_backend_sends_the_key_in_the_routing_header() -> None:
     request = GenerationRequest(messages=tuple(QUESTION), cache_key="sot-abc")
     backend = OpenAIBackend("m", base_url="http://127.0.0.1:9/v1")
-    assert backend._kwargs(request)["extra_headers"] == {"X-SoT-Session": "sot-abc"}
-    assert "extra_body" not in backend._kwargs(request)  # no body field unless the API takes one
+    body, headers = backend._payload(request)
+    assert headers == {"X-SoT-Session": "sot-abc"}
+    assert "sot-abc" not in body.values()  # no body field unless the API takes one
     backend.routing_header = "X-Affinity"
-    assert backend._kwargs(request)["extra_headers"] == {"X-Affinity": "sot-abc"}
+    assert backend._payload(request)[1] == {"X-Affinity": "sot-abc"}
     backend.routing_header = None
-    assert "extra_headers" not in backend._kwargs(request)
+    assert backend._payload(request)[1] == {}
     unsafe = GenerationRequest(messages=tuple(QUESTION), cache_key="Zoë")
-    assert "extra_headers" not in OpenAIBackend("m", base_url="http://127.0.0.1:9/v1")._kwargs(unsafe)
+    assert OpenAIBackend("m", base_url="http://127.0.0.1:9/v1")._payload(unsafe)[1] == {}
 
 
 @pytest.mark.parametrize(

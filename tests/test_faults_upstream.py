@@ -64,8 +64,8 @@ class FaultyStage(OpenAIBackend):
             return f"point {match.group(1)}"
         return "fallback answer" if self.saw_skeleton else "normal answer"
 
-    def _kwargs(self, request: GenerationRequest) -> dict[str, Any]:
-        kwargs = super()._kwargs(request)
+    def _payload(self, request: GenerationRequest) -> tuple[dict[str, Any], dict[str, str]]:
+        body, headers = super()._payload(request)
         kind = self.kind(request)
         options: dict[str, Any] = {"retry_after": 0.05}
         if kind == "skeleton" and self.stage == "fallback answer":
@@ -77,8 +77,8 @@ class FaultyStage(OpenAIBackend):
         )
         if hit:
             options["fault"] = self.fault
-        kwargs.setdefault("extra_body", {})["sot_test"] = options
-        return kwargs
+        body["sot_test"] = options
+        return body, headers
 
 
 @pytest.mark.slow

@@ -101,14 +101,13 @@ class PointFaults(OpenAIBackend):
     """Per-request test options: point 1 breaks mid-stream after 0.3 s (its text already in the answer, so it is
     not retried); the other points are slow (2 s to first token), so they are still running then."""
 
-    def _kwargs(self, request: GenerationRequest) -> dict[str, Any]:
-        kwargs = super()._kwargs(request)
+    def _payload(self, request: GenerationRequest) -> tuple[dict[str, Any], dict[str, str]]:
+        body, headers = super()._payload(request)
         match = re.search(r"expand point (\d+)", request.messages[-1].content)
         if match:
             first = {"fault": "error-mid-stream", "fault_after": 3, "ttft": 0.3}
-            options = first if match.group(1) == "1" else {"ttft": 2.0}
-            kwargs.setdefault("extra_body", {})["sot_test"] = options
-        return kwargs
+            body["sot_test"] = first if match.group(1) == "1" else {"ttft": 2.0}
+        return body, headers
 
 
 async def test_a_point_that_fails_for_good_starts_the_fallback_at_once(upstream_factory: Callable[..., str]) -> None:

@@ -12,6 +12,7 @@ message; a malformed chunk, an error object mid-stream, or a stream without a fi
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
@@ -121,24 +122,11 @@ class OpenAIBackend:
         except openai.OpenAIError as exc:
             raise ConfigError(f"cannot configure the OpenAI client: {exc}") from exc
 
-    def _body(self, request: GenerationRequest) -> tuple[list[dict[str, str]], dict[str, Any]]:
+    def _payload(self, request: GenerationRequest) -> tuple[dict[str, Any], dict[str, str]]:
+        """The JSON body and the extra headers of one streamed chat-completions request."""
+        s = request.sampling
         messages = collapse_messages(request.messages)
-        extra: dict[str, Any] = dict(self.extra_body)
-        if request.prefill and self.supports_prefill:
-            messages.append({"role": "assistant", "content": request.prefill})
-            extra.setdefault("continue_final_message", True)
-            extra.setdefault("add_generation_prompt", False)
-        if request.cache_key and self.cache_key_field:
-            extra[self.cache_key_field] = request.cache_key
-        s = request.sampling
-        if s.repeat_penalty != 1.0:
-            extra.setdefault("repetition_penalty", s.repeat_penalty)  # vLLM/SGLang/llama.cpp understand it
-        return messages, extra
-
-    def _kwargs(self, request: GenerationRequest) -> dict[str, Any]:
-        messages, extra = self._body(request)
-        s = request.sampling
-        kwargs: dict[str, Any] = {
+        body: dict[str, Any] = {
             "model": self.model,
             "messages": messages,
             "max_tokens": s.max_tokens,
@@ -147,29 +135,35 @@ class OpenAIBackend:
             "stream": True,
         }
         if s.frequency_penalty:
-            kwargs["frequency_penalty"] = s.frequency_penalty
+            body["frequency_penalty"] = s.frequency_penalty
         if s.seed is not None:
-            kwargs["seed"] = s.seed
+            body["seed"] = s.seed
         if request.stop:
-            kwargs["stop"] = list(request.stop)[:4]
+            body["stop"] = list(request.stop)[:4]
         if self.include_usage:
-            kwargs["stream_options"] = {"include_usage": True}
-        if extra:
-            kwargs["extra_body"] = extra
+            body["stream_options"] = {"include_usage": True}
+        extra: dict[str, Any] = dict(self.extra_body)  # the user's extra fields win over the defaults below
+        if request.prefill and self.supports_prefill:
+            messages.append({"role": "assistant", "content": request.prefill})
+            extra.setdefault("continue_final_message", True)
+            extra.setdefault("add_generation_prompt", False)
+        if request.cache_key and self.cache_key_field:
+            extra[self.cache_key_field] = request.cache_key
+        if s.repeat_penalty != 1.0:
+            extra.setdefault("repetition_penalty", s.repeat_penalty)  # vLLM/SGLang/llama.cpp understand it
+        body.update(extra)
+        headers: dict[str, str] = {}
         key = request.cache_key
         if key and self.routing_header and key.isascii() and key.isprintable():
-            kwargs["extra_headers"] = {self.routing_header: key}
-        return kwargs
+            headers[self.routing_header] = key
+        return body, headers
 
     async def _post(self, request: GenerationRequest) -> openai.AsyncStream[object]:
         """Send the request through the SDK's custom-request door (`client.post`): its status handling,
         auth, Azure's deployment routing and error mapping, without converting a plain-JSON body through
         the typed-parameter machinery, which costs more than the rest of the request when 200 arrive at
         once. The returned stream's raw response is read by the caller."""
-        kwargs = self._kwargs(request)
-        headers = kwargs.pop("extra_headers", None) or {}
-        extra = kwargs.pop("extra_body", None) or {}
-        body = {**kwargs, **extra}
+        body, headers = self._payload(request)
         return await self.client.post(
             "/chat/completions",
             cast_to=object,
@@ -187,21 +181,13 @@ class OpenAIBackend:
         try:
             async with await self._post(request) as response:
                 yield Chunk()  # the upstream accepted the request (its status was a success)
-                # The body's bytes as they come, split into events here: when a busy reader falls behind,
-                # one read brings many events, parsed in one go.
-                async for data in response.response.aiter_bytes():
-                    for payload in events.feed_bytes(data):
+                async with contextlib.aclosing(_payloads(response.response, events)) as payloads:
+                    async for payload in payloads:
                         text, chunk_finish, chunk_usage = events.parse(payload)
                         usage = chunk_usage or usage
                         if text:
                             yield Chunk(text=text)
                         finish = chunk_finish or finish
-                for payload in events.end():
-                    text, chunk_finish, chunk_usage = events.parse(payload)
-                    usage = chunk_usage or usage
-                    if text:
-                        yield Chunk(text=text)
-                    finish = chunk_finish or finish
         except openai.OpenAIError as exc:
             raise map_openai_error(exc, self.name) from exc
         except BackendError:
@@ -220,6 +206,16 @@ class OpenAIBackend:
 
 
 _DONE: Any = object()
+
+
+async def _payloads(response: Any, reader: _ChunkReader) -> AsyncGenerator[Any, None]:
+    """The parsed chunks of a raw response body. The bytes are read as they come and split into events
+    here: when a busy reader falls behind, one read brings many events, parsed in one go."""
+    async for data in response.aiter_bytes():
+        for payload in reader.feed_bytes(data):
+            yield payload
+    for payload in reader.end():
+        yield payload
 
 
 def _is_transport_error(exc: BaseException) -> bool:
