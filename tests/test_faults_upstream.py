@@ -16,22 +16,12 @@ from sot.backends.openai_compat import OpenAIBackend
 from sot.engine import Engine, EngineConfig, RetryPolicy
 from sot.errors import BackendError, BackendTimeoutError, SoTError
 from sot.events import Result
+from sot.testing.upstream_options import FAULTS as UPSTREAM_FAULTS
 from upstream_helpers import async_wait_for_stats
 
 QUESTION = "What are the most effective ways to deal with stress?"
-FAULTS = (
-    "429",
-    "500",
-    "401",
-    "stall",
-    "stall-mid",
-    "cut",
-    "error-mid-stream",
-    "malformed-json",
-    "malformed-shape",
-    "empty",
-    "no-finish",
-)
+# Every fault the upstream can inject, so a new one joins the matrix; slow headers only delay an answer.
+FAULTS = tuple(fault for fault in UPSTREAM_FAULTS if fault != "slow-headers")
 REFUSALS = ("429", "401")
 STAGES_BY_MODE = {"normal": ("normal answer",), "sot": ("skeleton", "one point", "all points", "fallback answer")}
 CELLS = [(fault, stage, mode) for mode, stages in STAGES_BY_MODE.items() for stage in stages for fault in FAULTS]
