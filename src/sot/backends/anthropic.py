@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sot.backends.anthropic_messages import LeadingSpace, MessageState, build_messages_body, sse_payloads
-from sot.backends.base import Chunk, GenerationRequest
+from sot.backends.base import Chunk, GenerationRequest, is_transport_error
 from sot.backends.registry import Capabilities
 from sot.core.stops import StopHoldback
 from sot.errors import (
@@ -106,11 +106,6 @@ def map_anthropic_error(exc: Exception, backend: str) -> BackendError:
     if isinstance(exc, sdk.APIStatusError):
         return map_status(exc.status_code, message, exc.response.headers, backend)
     return BackendError(f"{type(exc).__name__}: {message}", backend=backend)
-
-
-def _is_transport_error(exc: BaseException) -> bool:
-    """Whether `exc` comes from the SDK's HTTP stack (httpx, or httpx2 in newer SDKs)."""
-    return any(kind.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "h11") for kind in type(exc).__mro__)
 
 
 def _api_root(base_url: str | None) -> str | None:
@@ -241,7 +236,7 @@ class AnthropicBackend:
         except self._sdk_error as exc:
             raise map_anthropic_error(exc, self.name) from exc
         except Exception as exc:
-            if not _is_transport_error(exc):
+            if not is_transport_error(exc):
                 raise
             # Reading the raw body bypasses the SDK's own mapping of its HTTP library's errors.
             raise BackendConnectionError(f"the connection to the upstream broke: {exc!r}", backend=self.name) from exc

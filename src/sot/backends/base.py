@@ -103,3 +103,9 @@ class Backend(Protocol):
 def collapse_messages(messages: tuple[Message, ...] | list[Message]) -> list[dict[str, str]]:
     """Messages as the plain dicts chat APIs take."""
     return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def is_transport_error(exc: BaseException) -> bool:
+    """Whether `exc` comes from an SDK's HTTP stack (httpx, or httpx2 in newer SDKs, and what is under them),
+    whatever their versions: a backend reading a raw body sees these unmapped by the SDK."""
+    return any(kind.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "h11") for kind in type(exc).__mro__)

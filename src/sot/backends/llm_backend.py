@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
-from sot.backends.base import Chunk, GenerationRequest, Usage
+from sot.backends.base import Chunk, GenerationRequest, Usage, is_transport_error
 from sot.backends.llm_conversation import build_prompt, split_turns
 from sot.backends.registry import Capabilities
 from sot.core.stops import StopHoldback
@@ -89,7 +89,7 @@ def map_llm_error(exc: BaseException, backend: str) -> BackendError | None:
             return map_anthropic_error(exc, backend)
     except ImportError:
         pass
-    if any(kind.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "h11") for kind in type(exc).__mro__):
+    if is_transport_error(exc):
         return BackendConnectionError(f"the model's connection failed: {exc!r}", backend=backend)
     if isinstance(exc, llm.ModelError):
         return BackendError(f"the model failed: {exc}", backend=backend)

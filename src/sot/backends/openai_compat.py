@@ -20,7 +20,7 @@ from typing import Any
 import openai
 import orjson
 
-from sot.backends.base import Chunk, GenerationRequest, Usage, collapse_messages
+from sot.backends.base import Chunk, GenerationRequest, Usage, collapse_messages, is_transport_error
 from sot.errors import (
     AuthenticationError,
     BackendConnectionError,
@@ -193,7 +193,7 @@ class OpenAIBackend:
         except BackendError:
             raise
         except Exception as exc:
-            if not _is_transport_error(exc):
+            if not is_transport_error(exc):
                 raise
             # Reading the raw body bypasses the SDK's own mapping of its HTTP library's errors.
             raise BackendConnectionError(f"the connection to the upstream broke: {exc!r}", backend=self.name) from exc
@@ -216,11 +216,6 @@ async def _payloads(response: Any, reader: _ChunkReader) -> AsyncGenerator[Any, 
             yield payload
     for payload in reader.end():
         yield payload
-
-
-def _is_transport_error(exc: BaseException) -> bool:
-    """Whether `exc` comes from the SDK's HTTP stack (httpx, or httpx2 in newer SDKs), whatever its version."""
-    return any(kind.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "h11") for kind in type(exc).__mro__)
 
 
 class _ChunkReader:
