@@ -10,8 +10,8 @@ from starlette.types import Send
 
 from sot.testing.upstream_cache import CacheUsage
 from sot.testing.upstream_options import format_seconds
-from sot.testing.upstream_reply import Reply, forever, send_paced, sleep_until
-from sot.testing.upstream_wire import JSON_HEADERS, MALFORMED_JSON, SSE_HEADERS, json_bytes
+from sot.testing.upstream_reply import Reply, forever, sleep_until, stream_paced
+from sot.testing.upstream_wire import JSON_HEADERS, MALFORMED_JSON, json_bytes
 
 # A broken proxy's output: a line that is not JSON, and a delta of the wrong shape.
 MALFORMED_SHAPE = b'{"type":"content_block_delta","index":0,"delta":"x"}'
@@ -143,24 +143,8 @@ def _body(data: bytes, more: bool = True) -> dict[str, Any]:
 
 async def stream_message(message: MessageReply, send: Send) -> None:
     """A streamed message, paced like a chat completion (see `sot.testing.upstream`), with its fault applied."""
-    reply = message.reply
-    fault = reply.fault
-    if fault == "slow-headers":
-        await sleep_until(reply.first_at)
-    await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-    await sleep_until(reply.first_at)
-    if fault == "empty":
-        await send(_body(b"", more=False))
-        return
     encoder = EventEncoder(message)
-    if fault == "stall":
-        await send(_body(encoder.role()))
-        reply.record.mark_first_token()
-        await forever()
-    await send_paced(reply, encoder, send)
-    if fault == "stall-mid":
-        await forever()
-    await send(_body(_tail(message, encoder), more=False))
+    await stream_paced(message.reply, send, encoder, empty=b"", tail=lambda: _tail(message, encoder))
 
 
 async def json_message(message: MessageReply, send: Send) -> None:

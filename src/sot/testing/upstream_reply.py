@@ -145,17 +145,26 @@ def _stream_tail(reply: Reply, encoder: ChunkEncoder) -> bytes:
 
 
 async def stream_reply(reply: Reply, send: Send) -> None:
-    """A streamed answer. Headers go out at once (with slow-headers: at the first token's time); the role
-    chunk and the first token at `ttft`; then the tokens at their rate; then the tail (see _stream_tail)."""
+    """A streamed chat completion (see `stream_paced`; the tail: see _stream_tail)."""
+    encoder = ChunkEncoder(reply.record.id, reply.created, reply.model, reply.include_usage)
+    await stream_paced(reply, send, encoder, empty=DONE, tail=lambda: _stream_tail(reply, encoder))
+
+
+async def stream_paced(
+    reply: Reply, send: Send, encoder: PacedEncoder, *, empty: bytes, tail: Callable[[], bytes]
+) -> None:
+    """A streamed answer in any wire format, with its fault applied. Headers go out at once (with
+    slow-headers: at the first token's time); the role chunk and the first token at `ttft`; then the tokens
+    at their rate; then `tail()`. An `empty` stream sends only `empty`; `stall` and `stall-mid` stop
+    sending (before the first token, or after `fault_after` tokens) until the client goes away."""
     fault = reply.fault
     if fault == "slow-headers":
         await sleep_until(reply.first_at)
     await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
     await sleep_until(reply.first_at)
     if fault == "empty":
-        await send(_body(DONE, more=False))
+        await send(_body(empty, more=False))
         return
-    encoder = ChunkEncoder(reply.record.id, reply.created, reply.model, reply.include_usage)
     if fault == "stall":
         await send(_body(encoder.role()))
         reply.record.mark_first_token()
@@ -163,7 +172,7 @@ async def stream_reply(reply: Reply, send: Send) -> None:
     await send_paced(reply, encoder, send)
     if fault == "stall-mid":
         await forever()
-    await send(_body(_stream_tail(reply, encoder), more=False))
+    await send(_body(tail(), more=False))
 
 
 def _completion(reply: Reply, content: str | None, finish_reason: str | None) -> dict[str, Any]:
