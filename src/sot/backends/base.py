@@ -106,6 +106,7 @@ def collapse_messages(messages: tuple[Message, ...] | list[Message]) -> list[dic
 
 
 def is_transport_error(exc: BaseException) -> bool:
-    """Whether `exc` comes from an SDK's HTTP stack (httpx, or httpx2 in newer SDKs, and what is under them),
+    """Whether `exc` comes from an SDK's HTTP stack (httpx, or httpx2 in newer SDKs, aiohttp, what is under them),
     whatever their versions: a backend reading a raw body sees these unmapped by the SDK."""
-    return any(kind.__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "h11") for kind in type(exc).__mro__)
+    libraries = ("httpx", "httpx2", "httpcore", "h11", "aiohttp")
+    return any(kind.__module__.split(".")[0] in libraries for kind in type(exc).__mro__)

@@ -17,6 +17,7 @@ import os
 from collections.abc import AsyncGenerator, Mapping
 from typing import Any
 
+import aiohttp
 import openai
 import orjson
 
@@ -42,10 +43,35 @@ def _retry_after(exc: openai.APIStatusError) -> float | None:
         return None
 
 
+def _http_client(transport: str) -> Any:
+    """The SDK's HTTP client for `transport`: "aiohttp" (the SDK's `DefaultAioHttpClient`, the `openai[aiohttp]`
+    extra) or "httpx" (the SDK's default). aiohttp is the default because it costs about a third of the CPU per
+    request (0.5-0.7 ms against 1.6-1.9 ms, measured with 200 concurrent streams): a proxy pays it for every
+    skeleton and point request, and when many arrive at once it decides how soon the first byte goes out."""
+    if transport == "aiohttp":
+        return openai.DefaultAioHttpClient()
+    if transport == "httpx":
+        return openai.DefaultAsyncHttpxClient()
+    raise ConfigError(f"unknown transport {transport!r}: use 'aiohttp' or 'httpx'")
+
+
+def _refused_or_broken(exc: BaseException) -> bool:
+    """Whether an SDK "timeout" was a refused or broken connection: the aiohttp transport's error map turns
+    every connection error into a connect timeout, so the cause chain decides (a real timeout has one)."""
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None:
+        if isinstance(cause, TimeoutError):
+            return False
+        if isinstance(cause, OSError | aiohttp.ClientConnectionError):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
 def map_openai_error(exc: Exception, backend: str) -> BackendError:
     """The most specific `sot.errors` class for an SDK exception, with the upstream's message."""
     message = getattr(exc, "message", None) or str(exc)
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, openai.APITimeoutError) and not _refused_or_broken(exc):
         return BackendTimeoutError(f"the upstream timed out: {message}", backend=backend)
     if isinstance(exc, openai.APIConnectionError):
         return BackendConnectionError(f"could not reach the upstream: {message}", backend=backend)
@@ -92,6 +118,7 @@ class OpenAIBackend:
         include_usage: bool = True,
         timeout: float = 120.0,
         max_retries: int = 0,
+        transport: str = "aiohttp",
         name: str = "openai",
     ) -> None:
         if not model:
@@ -106,19 +133,17 @@ class OpenAIBackend:
         api_key = api_key or os.environ.get("AZURE_OPENAI_API_KEY" if azure_api_version else "OPENAI_API_KEY")
         # Local servers take any key; the SDK insists on one, so give it a placeholder rather than fail.
         api_key = api_key or ("not-needed" if base_url else None)
+        common: dict[str, Any] = {"api_key": api_key, "timeout": timeout, "max_retries": max_retries}
+        common["http_client"] = _http_client(transport)
         try:
             if azure_api_version:
                 self.client: openai.AsyncOpenAI = openai.AsyncAzureOpenAI(
                     azure_endpoint=base_url or os.environ.get("AZURE_OPENAI_ENDPOINT", ""),
-                    api_key=api_key,
                     api_version=azure_api_version,
-                    timeout=timeout,
-                    max_retries=max_retries,
+                    **common,
                 )
             else:
-                self.client = openai.AsyncOpenAI(
-                    base_url=base_url, api_key=api_key, timeout=timeout, max_retries=max_retries
-                )
+                self.client = openai.AsyncOpenAI(base_url=base_url, **common)
         except openai.OpenAIError as exc:
             raise ConfigError(f"cannot configure the OpenAI client: {exc}") from exc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -23,6 +24,29 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on; the name may hold spaces
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of process `pid` and of all its living descendants (`sot serve --workers N`: the workers)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # it exited meanwhile
+                continue
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
+        tree.update(children)
+        frontier += children
+    total = 0.0
+    for member in tree:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(member)
+    return total
 
 
 def process_id(process: ServiceProcess) -> int:
@@ -60,10 +84,10 @@ async def _measure(label: str, url: str, model: str, n: int, settings: dict[str,
         chat_body(model, f"Question {i}: what matters most about topic {i}?", settings["max_tokens"]) for i in range(n)
     ]
     await asyncio.to_thread(fetch_json, root + "/stats/reset", method="POST")
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
     client_before = time.process_time()
     batch = await run_batch(url + "/chat/completions", bodies, request_timeout=settings["request_timeout"])
-    cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    cpu = {name: tree_cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     cpu["client"] = time.process_time() - client_before
     stats = await asyncio.to_thread(fetch_json, root + "/stats")
     side = Side.of(label, batch)
@@ -85,6 +109,7 @@ async def _start(upstream: ServiceProcess, n_requests: int, settings: dict[str, 
             model="test",
             mode=settings["mode"],
             max_concurrency=n_requests + settings["warmup"] + 16,
+            workers=settings["workers"] if settings["workers"] > 1 else None,
             max_tokens_limit=max(4096, settings["max_tokens"]),
         ),
         name="load-serve",
@@ -101,12 +126,13 @@ async def run_load_check(
     tokens_per_second: float = 40.0,
     answer_tokens: int = 300,
     jitter: float = 0.0,
+    workers: int = 1,
     warmup: int = 8,
     request_timeout: float = 120.0,
     upstream_extra: dict[str, Any] | None = None,
 ) -> LoadReport:
     """`n_requests` concurrent streamed requests straight to a local test upstream, then as many through
-    `sot serve` (in `mode`) in front of it. `upstream_extra`: more test upstream options (faults, for tests).
+    `sot serve` (in `mode`, with `workers` worker processes) in front of it. `upstream_extra`: more test upstream options (faults, for tests).
 
     It starts its own processes (the bundled test upstream, and `sot serve` in front of it, on 127.0.0.1) and
     stops them; the upstream's answers are scripted and timed, so it measures the server, not a model. Both
@@ -127,6 +153,7 @@ async def run_load_check(
         "tokens_per_second": tokens_per_second,
         "answer_tokens": answer_tokens,
         "jitter": jitter,
+        "workers": workers,
         "warmup": min(warmup, n_requests),
         "max_tokens": answer_tokens * 4,  # never the limit: every answer ends with "stop"
         "request_timeout": request_timeout,

@@ -246,7 +246,7 @@ def render_load_report(report: LoadReport) -> RenderableType:
     settings, up = report.settings, report.upstream
     table = Table(
         title=f"sot serve load check: {settings['n_requests']} concurrent streamed requests, "
-        f"{settings['mode']} mode (direct first, then through the server)",
+        f"{settings['mode']} mode, {settings.get('workers', 1)} worker(s) (direct first, then through the server)",
         caption="times from opening the connection; a token is a word, as the upstream streams it; "
         "server/direct: ratio, or difference in ms",
     )

@@ -112,6 +112,13 @@ API_LIKE = {"ttft": 0.35, "tokens_per_second": 40.0}
     help="Load check: vary answer lengths by up to this fraction (the upstream's tokens_jitter).",
 )
 @click.option(
+    "--load-workers",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="Load check: `sot serve --workers N` (server CPU is summed over the workers).",
+)
+@click.option(
     "--output", type=click.Path(path_type=Path), help="Write every row and the summary (or the load report) as JSON."
 )
 @backend_options
@@ -132,6 +139,7 @@ def bench(
     load_answer_tokens: int,
     load_mode: str,
     load_jitter: float,
+    load_workers: int,
     output: Path | None,
     **params: Any,
 ) -> None:
@@ -147,6 +155,7 @@ def bench(
             tokens_per_second=load_tokens_per_second,
             answer_tokens=load_answer_tokens,
             jitter=load_jitter,
+            workers=load_workers,
         )
         return
     if replay is not None:

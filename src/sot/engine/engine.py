@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sot.backends.base import Backend, Message
@@ -19,11 +18,12 @@ from sot.core.conversation import Conversation, normalize_conversation
 from sot.core.prompts import CHAT, SMOLLM, PromptSet
 from sot.engine.calls import cancel_requested
 from sot.engine.config import EngineConfig, recommended_sampling
+from sot.engine.handle import Emit, Failed, RunHandle
 from sot.engine.normal import answer_normally
 from sot.engine.run import Run, describe
 from sot.engine.sot import SoTAnswer
 from sot.errors import BackendTimeoutError, InputError, SoTError
-from sot.events import Done, ErrorEvent, Event, Mode, Result, RouteDecided, RunStarted
+from sot.events import Done, Event, Mode, Result, RouteDecided, RunStarted
 
 MODES = ("normal", "sot", "auto")
 
@@ -34,13 +34,6 @@ class RouterLike(Protocol):
     name: str
 
     async def decide(self, messages: Sequence[Message]) -> Any: ...
-
-
-@dataclass(frozen=True)
-class _Failed:
-    """The run ended in an error (sent through the event queue to the stream)."""
-
-    error: SoTError
 
 
 class Engine:
@@ -77,22 +70,29 @@ class Engine:
         key (`GenerationRequest.cache_key`): `session` when given (one per conversation, so a replica's
         prefix cache serves its turns), else one derived from the conversation.
         """
+        handle = self.start(conversation, mode, session=session)
+        try:
+            while batch := await handle.next_batch():
+                for event in batch:
+                    yield event
+        finally:
+            await handle.aclose()
+
+    def start(
+        self,
+        conversation: Conversation,
+        mode: Mode = "sot",
+        *,
+        session: str | None = None,
+        observe: Callable[[Event], None] | None = None,
+    ) -> RunHandle:
+        """Start answering in a task of its own and return its handle, whose `next_batch` hands the events over
+        as `stream` yields them (`observe` sees each one as it happens). Bad input raises `InputError` here.
+        The caller must `aclose()` the handle."""
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
         messages = normalize_conversation(conversation, max_chars=self.config.max_question_chars)
-        queue: asyncio.Queue[Event | _Failed] = asyncio.Queue()
-        worker = asyncio.create_task(self._work(messages, mode, queue.put_nowait, session))
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, _Failed):
-                    yield ErrorEvent(error=str(item.error), kind=type(item.error).__name__)
-                    raise item.error
-                yield item
-                if isinstance(item, Done):
-                    return
-        finally:
-            await _stop(worker)
+        return RunHandle(lambda emit: self._work(messages, mode, emit, session), observe)
 
     async def run(self, conversation: Conversation, mode: Mode = "sot", *, session: str | None = None) -> Result:
         """Answer and return only the final result."""
@@ -106,9 +106,7 @@ class Engine:
         """`run` for synchronous callers (not from inside a running event loop)."""
         return asyncio.run(self.run(conversation, mode))
 
-    async def _work(
-        self, messages: list[Message], mode: Mode, emit: Callable[[Any], None], session: str | None
-    ) -> None:
+    async def _work(self, messages: list[Message], mode: Mode, emit: Emit, session: str | None) -> None:
         """The whole run, in this one task; it reports its outcome through `emit` and never raises."""
         run = Run(self.backend, self.config, messages, emit, session)
         counters = self._backend_counters()
@@ -126,11 +124,11 @@ class Engine:
             result.stats.backend = self._counter_delta(counters)
             emit(Done(result=result))
         except SoTError as exc:
-            emit(_Failed(exc))
+            emit(Failed(exc))
         except Exception as exc:  # a bug of ours: still a typed error, with the cause kept
             error = SoTError(f"internal error: {describe(exc)}")
             error.__cause__ = exc
-            emit(_Failed(error))
+            emit(Failed(error))
 
     async def _answer(self, run: Run, mode: Mode) -> Result:
         route: RouteDecided | None = None
@@ -192,15 +190,3 @@ class Engine:
             else:
                 delta[key] = value
         return delta
-
-
-async def _stop(worker: asyncio.Task[None]) -> None:
-    """Cancel the run's task (if still running) and wait until it has ended; our own cancellation goes on."""
-    if worker.done():
-        return
-    worker.cancel()
-    try:
-        await worker
-    except asyncio.CancelledError:
-        if cancel_requested():
-            raise

@@ -32,7 +32,7 @@ from sot.server.middleware import BodyLimitMiddleware, require_key
 from sot.server.observe import ObserveMiddleware
 from sot.server.openapi import install_openapi
 from sot.server.parsing import MODES, ServerSettings, check_supported, conversation, requested_max_tokens, resolve_mode
-from sot.server.pump import ClientGone, EventPump, batches, prime, start_stream, unless_disconnected
+from sot.server.pump import ClientGone, EventPump, batches, prime, start_stream
 from sot.server.routes import STATIC_DIR, api, metrics_router, router
 from sot.server.state import AppState, EngineSource
 
@@ -60,7 +60,6 @@ __all__ = [
     "resolve_mode",
     "sot_info",
     "start_stream",
-    "unless_disconnected",
     "usage",
 ]
 

@@ -1,24 +1,22 @@
-"""The stream pump: runs one engine stream in a task of its own, primes it before any byte is sent, hands its
-events over in batches, and cancels it when the client goes away."""
+"""The stream pump: starts one engine run, primes it before any byte is sent, hands its events over in batches,
+and cancels it when the client goes away."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from sot.backends.base import Message
 from sot.engine import Engine
+from sot.engine.handle import RunHandle
 from sot.events import Accepted, Done, Event, Mode, Result
 from sot.server.admission import Lease
 from sot.server.errors import map_error
 from sot.server.observe import current_record
-
-_END = object()
 
 
 class ClientGone(Exception):
@@ -32,12 +30,13 @@ class Observer(Protocol):
 
 
 class EventPump:
-    """Runs one engine stream in a task of its own and hands its events over through a queue.
+    """One engine run for one request: the run's handle, the request's slot and a watch on its connection.
 
-    The stream is iterated by one task from start to end, whichever request task reads the events (the
-    handler while it waits for the first event, then the SSE response's task): the engine's deadlines are
-    task-bound. Closing the pump cancels that task, which closes the engine stream, which cancels every
-    request of the question. The lease is released when the engine's work ends, however it ends.
+    The run works in a task of its own (`Engine.start`); the request's task reads its events in batches
+    straight from the run's queue, first while the handler primes it, then in the streamed response. One
+    watcher task waits for the client to disconnect and aborts the run with `ClientGone`. Closing the pump
+    cancels the run, which cancels every request of the question; the slot is released when the run's
+    work ends, however it ends.
     """
 
     def __init__(
@@ -50,101 +49,74 @@ class EventPump:
         session: str | None = None,
         observer: Observer | None = None,
     ) -> None:
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._finished = False
-        self._error: BaseException | None = None
-        self._observer = observer
-        self._task = asyncio.create_task(self._run(engine, messages, mode, session))
-        self._task.add_done_callback(lambda _: lease.release())
-
-    async def _run(self, engine: Engine, messages: list[Message], mode: Mode, session: str | None) -> None:
+        self._watcher: asyncio.Task[None] | None = None
+        self._refused: BaseException | None = None  # the engine refused to start (bad input)
+        self._handle: RunHandle | None = None
         try:
-            async with contextlib.aclosing(engine.stream(messages, mode, session=session)) as events:
-                async for event in events:
-                    if self._observer is not None:
-                        self._observer.see(event)
-                    self._queue.put_nowait(event)
+            self._handle = engine.start(
+                messages, mode, session=session, observe=observer.see if observer is not None else None
+            )
         except Exception as exc:  # handed to the reader, who decides the status
-            self._queue.put_nowait(exc)
-        else:
-            self._queue.put_nowait(_END)
+            self._refused = exc
+            lease.release()
+            return
+        self._handle.add_done_callback(lease.release)
+
+    def watch(self, request: Request) -> None:
+        """Abort the run with `ClientGone` as soon as the client of `request` disconnects."""
+        if self._handle is not None and self._watcher is None:
+            self._watcher = asyncio.create_task(self._watch(request))
+
+    async def _watch(self, request: Request) -> None:
+        # The body has been read, so the next message is the disconnect (the server also sends one once the
+        # response is complete, by which time the pump is closed and this task cancelled).
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.abort(ClientGone())
 
     def add_done_callback(self, callback: Callable[[], None]) -> None:
         """Run `callback` once the engine's work has ended, however it ended."""
-        self._task.add_done_callback(lambda _: callback())
+        if self._handle is None:
+            callback()
+        else:
+            self._handle.add_done_callback(callback)
 
     def abort(self, error: BaseException) -> None:
         """Cancel the engine's work now; the reader gets `error` after the events already handed over."""
-        if not self._task.done():
-            self._task.cancel()
-            self._queue.put_nowait(error)
+        if self._handle is not None:
+            self._handle.abort(error)
 
-    async def next_batch(self) -> list[Event]:
-        """Every event available now (waiting for at least one); [] after the last; raises what the engine
-        raised once the events before it have been handed over.
+    async def next_batch(self, wait: float | None = None) -> list[Event] | None:
+        """Every event available now (waiting for at least one, or up to `wait` seconds: None if none came);
+        [] after the last; raises what the engine raised once the events before it have been handed over.
 
         Taking all queued events at once lets a busy server write them in one go: under load the backlog
-        is sent in fewer, larger writes instead of falling further behind; when idle, a batch is one event.
+        is sent in fewer writes instead of falling further behind; when idle, a batch is one event.
         """
-        if self._error is not None:
-            error, self._error, self._finished = self._error, None, True
+        if self._refused is not None:
+            error, self._refused = self._refused, None
             raise error
-        if self._finished:
+        if self._handle is None:
             return []
-        items = [await self._queue.get()]
-        while not self._queue.empty():
-            items.append(self._queue.get_nowait())
-        events: list[Event] = []
-        for item in items:
-            if item is _END:
-                self._finished = True
-                break
-            if isinstance(item, BaseException):
-                self._error = item
-                break
-            events.append(item)
-        if not events and self._error is not None:
-            return await self.next_batch()
-        return events
+        return await self._handle.next_batch(wait)
 
     async def aclose(self) -> None:
-        if not self._task.done():
-            self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
+        if self._watcher is not None:
+            self._watcher.cancel()
+        if self._handle is not None:
+            await self._handle.aclose()
+        if self._watcher is not None:
+            await asyncio.gather(self._watcher, return_exceptions=True)
 
 
-async def _wait_disconnect(request: Request) -> None:
-    # The body has been read, so the next message is the disconnect (the server also sends it when the
-    # response is complete, but by then this watcher has been cancelled).
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
-    """Await `work`, but cancel it and raise `ClientGone` if the client goes away first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
-    if task.cancelled():
-        raise ClientGone
-    return task.result()
-
-
-async def start_stream(request: Request, pump: EventPump, retry_after: int) -> list[Event] | Response:
+async def start_stream(pump: EventPump, retry_after: int) -> list[Event] | Response:
     """Prime `pump` before any byte is sent: the primed events, or a 499 if the client left meanwhile.
 
     A failure to start is raised as the `ApiError` the client should get; on failure or 499 the pump is
     closed, on success the caller streams from it.
     """
     try:
-        primed: list[Event] = await unless_disconnected(request, prime(pump))
-        return primed
+        return await prime(pump)
     except ClientGone:
         await pump.aclose()
         return Response(status_code=499)
@@ -168,12 +140,13 @@ async def prime(pump: EventPump) -> list[Event]:
     return primed
 
 
-async def batches(primed: list[Event], pump: EventPump) -> AsyncIterator[list[Event]]:
-    """The primed events, then the pump's batches until the end."""
+async def batches(primed: list[Event], pump: EventPump, ping: float | None = None) -> AsyncIterator[list[Event]]:
+    """The primed events, then the pump's batches until the end; an empty batch after each `ping` seconds
+    without an event (the caller sends a keep-alive comment)."""
     if primed:
         yield primed
-    while batch := await pump.next_batch():
-        yield batch
+    while (batch := await pump.next_batch(ping)) != []:
+        yield batch or []
 
 
 async def final_result(pump: EventPump) -> Result:

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
-from fastapi import Request
 from fastapi.responses import Response
-from sse_starlette import EventSourceResponse
-from starlette.background import BackgroundTask
 
 from sot.events import Done, ErrorEvent, Event, Result
 from sot.server.answer import AnswerText, StopFilter, sot_info, usage
@@ -18,7 +15,8 @@ from sot.server.chunks import DONE, ChunkWriter, dumps, error_message, event_mes
 from sot.server.errors import map_error
 from sot.server.observe import current_record
 from sot.server.parsing import ChatPlan
-from sot.server.pump import ClientGone, EventPump, batches, final_result, unless_disconnected
+from sot.server.pump import ClientGone, EventPump, batches, final_result
+from sot.server.sse import PING, EventStreamResponse
 
 
 def completion_id() -> str:
@@ -75,19 +73,24 @@ class ChatRelay:
         return b"".join(tail)
 
 
-async def chat_chunks(primed: list[Event], pump: EventPump, plan: ChatPlan, retry_after: int) -> AsyncIterator[bytes]:
-    """A chat-completions stream over a primed pump, to its end (or an error object in the stream)."""
+async def chat_chunks(
+    primed: list[Event], pump: EventPump, plan: ChatPlan, retry_after: int, ping: float
+) -> AsyncGenerator[bytes, None]:
+    """A chat-completions stream over a primed pump, to its end (or an error object in the stream), with a
+    keep-alive comment after every `ping` seconds without an event."""
     writer = ChunkWriter(completion_id(), int(time.time()), plan.model, include_usage=plan.include_usage)
     relay = ChatRelay(writer, plan.stops, sot_events=plan.sot_events)
     try:
         yield writer.role()
-        async for batch in batches(primed, pump):
-            out = relay.batch(batch)
+        async for batch in batches(primed, pump, ping):
+            out = relay.batch(batch) if batch else PING
             if out:
                 yield out
             if relay.cut.hit:
                 current_record().stopped = True
                 break
+    except ClientGone:
+        return  # nobody to tell
     except Exception as exc:
         # Headers are out: report the failure in the stream, as OpenAI does (the SDK raises APIError).
         error = map_error(exc, retry_after)
@@ -99,13 +102,21 @@ async def chat_chunks(primed: list[Event], pump: EventPump, plan: ChatPlan, retr
     yield relay.closing(plan.include_usage)
 
 
-async def engine_events(primed: list[Event], pump: EventPump, retry_after: int) -> AsyncIterator[bytes]:
-    """The engine's own events as SSE (`event: <type>`), ending with an `error` event if the run failed."""
+async def engine_events(
+    primed: list[Event], pump: EventPump, retry_after: int, ping: float
+) -> AsyncGenerator[bytes, None]:
+    """The engine's own events as SSE (`event: <type>`), ending with an `error` event if the run failed; a
+    keep-alive comment after every `ping` seconds without an event."""
     last: Event | None = None
     try:
-        async for batch in batches(primed, pump):
+        async for batch in batches(primed, pump, ping):
+            if not batch:
+                yield PING
+                continue
             last = batch[-1]
             yield b"".join(event_message(event) for event in batch)
+    except ClientGone:
+        return
     except Exception as exc:
         if isinstance(last, ErrorEvent):
             current_record().failed(last.kind)
@@ -117,21 +128,15 @@ async def engine_events(primed: list[Event], pump: EventPump, retry_after: int) 
         await pump.aclose()
 
 
-def sse_response(body: AsyncIterator[bytes], pump: EventPump, headers: dict[str, str], ping: float) -> Response:
+def sse_response(body: AsyncGenerator[bytes, None], pump: EventPump, headers: dict[str, str]) -> Response:
     """A streamed response of SSE bytes; the pump is closed however the response ends."""
-    return EventSourceResponse(
-        body,
-        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        ping=ping,
-        sep="\n",
-        background=BackgroundTask(pump.aclose),
-    )
+    return EventStreamResponse(body, headers, pump.aclose)
 
 
-async def complete(request: Request, pump: EventPump, plan: ChatPlan, retry_after: int) -> Response:
+async def complete(pump: EventPump, plan: ChatPlan, retry_after: int) -> Response:
     """A non-streamed chat completion: the run's result as one JSON object (499 if the client left first)."""
     try:
-        result: Result = await unless_disconnected(request, final_result(pump))
+        result: Result = await final_result(pump)
     except ClientGone:
         return Response(status_code=499)
     except Exception as exc:

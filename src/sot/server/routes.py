@@ -122,6 +122,7 @@ def start(state: AppState, plan: RunPlan, request: Request, user: str | None = N
     record.routing_key = key
     engine = plan.engine(state.get_engine())
     pump = EventPump(engine, plan.messages, plan.mode, lease, session=key, observer=record)
+    pump.watch(request)
     state.track(pump)
     return pump
 
@@ -137,12 +138,12 @@ async def chat_completions(
     current_record().stream = plan.stream
     pump = start(state, plan, request, body.user)
     if not plan.stream:
-        return await complete(request, pump, plan, settings.retry_after)
-    primed = await start_stream(request, pump, settings.retry_after)
+        return await complete(pump, plan, settings.retry_after)
+    primed = await start_stream(pump, settings.retry_after)
     if isinstance(primed, Response):
         return primed
-    chunks = chat_chunks(primed, pump, plan, settings.retry_after)
-    return sse_response(chunks, pump, {"X-SoT-Mode": plan.mode}, settings.ping_seconds)
+    chunks = chat_chunks(primed, pump, plan, settings.retry_after, settings.ping_seconds)
+    return sse_response(chunks, pump, {"X-SoT-Mode": plan.mode})
 
 
 @api.post("/sot/stream", response_model=None, responses=EVENT_STREAM_RESPONSES, tags=["sot"])
@@ -153,8 +154,8 @@ async def sot_stream(body: SoTStreamRequest, request: Request, state: State, x_s
     plan = events_plan(body, x_sot_mode, settings)
     current_record().stream = True
     pump = start(state, plan, request)
-    primed = await start_stream(request, pump, settings.retry_after)
+    primed = await start_stream(pump, settings.retry_after)
     if isinstance(primed, Response):
         return primed
-    events = engine_events(primed, pump, settings.retry_after)
-    return sse_response(events, pump, {"X-SoT-Mode": plan.mode}, settings.ping_seconds)
+    events = engine_events(primed, pump, settings.retry_after, settings.ping_seconds)
+    return sse_response(events, pump, {"X-SoT-Mode": plan.mode})

@@ -62,7 +62,8 @@ class AppState:
             self.access_log.write(record)
 
 
-def app_state(request: Request) -> AppState:
-    """The state of the app serving `request`."""
+async def app_state(request: Request) -> AppState:
+    """The state of the app serving `request` (async: FastAPI runs a plain function dependency in a worker
+    thread, a thread hop per request for a dictionary lookup)."""
     state: AppState = request.app.state.sot
     return state
