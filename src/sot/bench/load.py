@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
-from sot.bench.load_client import chat_body, run_batch
-from sot.bench.load_report import LoadReport, Side, render_load_report
+from sot.bench.load_client import StreamTrace, chat_body, run_batch
+from sot.bench.load_report import LoadReport, Side, quantile, render_load_report
 from sot.testing.process import ServiceProcess, fetch_json, serve_command, upstream_command
 
 __all__ = ["LoadReport", "Side", "cpu_seconds", "render_load_report", "run_load_check", "upstream_options"]
@@ -96,7 +97,31 @@ async def _measure(label: str, url: str, model: str, n: int, settings: dict[str,
     records = stats["requests"]
     if len(records) == side.upstream_requests:  # /stats keeps the last 500 requests only
         side.upstream_tokens = sum(int(r["completion_tokens"]) for r in records)
+        if pids.get("server"):
+            side.headers_after_accept_p50_ms = headers_after_accept_ms(batch.traces, records)
     return side
+
+
+_QUESTION = re.compile(r"Question (\d+):")
+
+
+def headers_after_accept_ms(traces: list[StreamTrace], records: list[dict[str, Any]]) -> float | None:
+    """p50 over requests of: when the server's response headers reached the client, less when the upstream took
+    the first request of the same question (the test upstream answers with its headers at once). Both are
+    CLOCK_MONOTONIC readings of processes on this machine. None unless every successful request is matched."""
+    accepted: dict[int, float] = {}
+    for record in records:
+        found = _QUESTION.search(record.get("last_user") or "")
+        if found and record.get("started_monotonic"):
+            index = int(found.group(1))
+            accepted[index] = min(accepted.get(index, float("inf")), float(record["started_monotonic"]))
+    delays = []
+    for index, trace in enumerate(traces):
+        if trace.failure() is None and trace.headers is not None:
+            if index not in accepted:
+                return None
+            delays.append(1000 * (trace.opened + trace.headers - accepted[index]))
+    return quantile(delays, 0.5) if delays else None
 
 
 async def _start(upstream: ServiceProcess, n_requests: int, settings: dict[str, Any]) -> ServiceProcess:
@@ -132,7 +157,8 @@ async def run_load_check(
     upstream_extra: dict[str, Any] | None = None,
 ) -> LoadReport:
     """`n_requests` concurrent streamed requests straight to a local test upstream, then as many through
-    `sot serve` (in `mode`, with `workers` worker processes) in front of it. `upstream_extra`: more test upstream options (faults, for tests).
+    `sot serve` (in `mode`, with `workers` worker processes) in front of it. `upstream_extra`: more test
+    upstream options (faults, for tests).
 
     It starts its own processes (the bundled test upstream, and `sot serve` in front of it, on 127.0.0.1) and
     stops them; the upstream's answers are scripted and timed, so it measures the server, not a model. Both

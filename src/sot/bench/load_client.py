@@ -27,6 +27,7 @@ class StreamTrace:
     finish_reason: str | None = None
     done: bool = False  # `data: [DONE]` arrived
     error: str | None = None  # why the request counts as failed; None: it did not (yet)
+    opened: float = 0.0  # time.monotonic() when the connection was opened (comparable across processes)
 
     def failure(self) -> str | None:
         """Why this request failed, or None when it streamed an answer to a finish reason and [DONE]."""
@@ -59,7 +60,7 @@ class SSEStream(asyncio.Protocol):
     def __init__(self, request: bytes, start: float) -> None:
         self.request = request
         self.start = start
-        self.trace = StreamTrace()
+        self.trace = StreamTrace(opened=time.monotonic())
         self.finished: asyncio.Future[StreamTrace] = asyncio.get_running_loop().create_future()
         self._parser = httptools.HttpResponseParser(self)
         self._now = start

@@ -53,6 +53,9 @@ class Side:
     wall: float
     upstream_requests: int = 0  # what the upstream counted during this side's batch
     upstream_tokens: int | None = None  # tokens it sent (None: /stats no longer held every request)
+    # Through the server: its headers at the client less the upstream's acceptance of the same question's first
+    # request, p50 (None: not every request could be matched in the upstream's records).
+    headers_after_accept_p50_ms: float | None = None
     cpu: dict[str, float] = field(default_factory=dict)  # CPU-seconds of this batch per process
 
     @staticmethod
@@ -133,7 +136,8 @@ class LoadReport:
 
     @property
     def headers_delay_ms(self) -> float:
-        """How much later the server's headers arrive than the upstream's, at p50."""
+        """How much later the server's headers arrive than the upstream's in the direct batch, at p50: everything
+        the server adds before its headers, the intake of a burst of requests included."""
         return self.server.headers_p50_ms - self.direct.headers_p50_ms
 
     def targets(self) -> list[Target]:
@@ -144,7 +148,13 @@ class LoadReport:
             Target("latency ratio p50 (server / direct)", self.latency_ratio_p50, MAX_LATENCY_RATIO, applies=normal),
             Target("latency ratio p95 (server / direct)", self.latency_ratio_p95, MAX_LATENCY_RATIO, applies=normal),
             Target("first content added, p50", self.added_first_content_ms, MAX_ADDED_FIRST_CONTENT_MS, "ms", normal),
-            Target("headers after the upstream's, p50", self.headers_delay_ms, MAX_HEADERS_DELAY_MS, "ms", normal),
+            Target(
+                "headers after the upstream accepted, p50",
+                self.server.headers_after_accept_p50_ms or 0.0,
+                MAX_HEADERS_DELAY_MS,
+                "ms",
+                normal and self.server.headers_after_accept_p50_ms is not None,
+            ),
             Target("tokens per SSE event, max", self.server.tokens_per_event_max, MAX_TOKENS_PER_EVENT, applies=normal),
         ]
 
@@ -168,6 +178,7 @@ class LoadReport:
                 "latency_p95": self.latency_ratio_p95,
                 "added_first_content_p50_ms": self.added_first_content_ms,
                 "headers_delay_p50_ms": self.headers_delay_ms,
+                "headers_after_accept_p50_ms": self.server.headers_after_accept_p50_ms,
             },
             "targets": [{**asdict(t), "passed": t.passed} for t in self.targets()],
             "failed": self.failed,
@@ -191,6 +202,7 @@ def _rows(report: LoadReport) -> list[tuple[str, str, str, str]]:
         ("latency p95 s", _num(d.total_p95), _num(s.total_p95), f"{report.latency_ratio_p95:.3f}x"),
         ("latency max s", _num(d.total_max), _num(s.total_max), ""),
         ("headers p50 ms", _num(d.headers_p50_ms, 1), _num(s.headers_p50_ms, 1), f"{report.headers_delay_ms:+.1f}"),
+        ("headers after upstream accepted p50 ms", "", _num(s.headers_after_accept_p50_ms, 1), ""),
         (
             "first content p50 ms",
             _num(d.first_content_p50_ms, 0),
