@@ -233,3 +233,25 @@ async def test_the_request_body_is_plain_json_with_extra_fields_merged(upstream:
     record = (await settled(upstream))["requests"][-1]
     assert record["headers"].get("x-sot-session") == "conversation-7"  # the routing key, as a header
     assert record["kind"] == "full"
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_one_engine_answers_from_one_event_loop_after_another(
+    upstream: str, transport: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`run_sync` twice, then `asyncio.run` twice: the backend's HTTP client follows the running loop (its
+    connections belong to the loop that opened them), with no error and no report of unclosed connections."""
+    backend = OpenAIBackend("sot-test", base_url=upstream, api_key="test", transport=transport)
+    engine = Engine(backend, EngineConfig())
+    answers = [engine.run_sync(QUESTION, "sot").answer for _ in range(2)]
+    answers += [asyncio.run(engine.run(QUESTION, "normal")).answer for _ in range(2)]
+    asyncio.run(backend.aclose())
+    assert all(answers) and answers[0] == answers[1] and answers[2] == answers[3]
+    assert "Unclosed" not in capfd.readouterr().err
+
+
+def test_an_unknown_transport_is_a_config_error() -> None:
+    from sot.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="transport"):
+        OpenAIBackend("sot-test", base_url="http://127.0.0.1:9/v1", transport="carrier-pigeon")

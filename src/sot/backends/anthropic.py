@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sot.backends.anthropic_messages import LeadingSpace, MessageState, build_messages_body, sse_payloads
-from sot.backends.base import Chunk, GenerationRequest, is_transport_error
+from sot.backends.base import Chunk, GenerationRequest, LoopBound, is_transport_error
 from sot.backends.registry import Capabilities
 from sot.core.stops import StopHoldback
 from sot.errors import (
@@ -161,9 +161,10 @@ class AnthropicBackend:
         if api_key is None and base_url is not None and not os.environ.get("ANTHROPIC_AUTH_TOKEN"):
             api_key = "not-needed"
         try:
-            self.client: anthropic_sdk.AsyncAnthropic = sdk.AsyncAnthropic(
+            client: anthropic_sdk.AsyncAnthropic = sdk.AsyncAnthropic(
                 api_key=api_key, base_url=_api_root(base_url), timeout=timeout, max_retries=max_retries
             )
+            self._clients = LoopBound(client, lambda old: old.copy(http_client=sdk.DefaultAsyncHttpxClient()))
         except sdk.AnthropicError as exc:
             raise ConfigError(
                 f"cannot configure the Anthropic client: {exc} (or set ANTHROPIC_API_KEY, or pass --api-key)"
@@ -172,6 +173,15 @@ class AnthropicBackend:
             raise ConfigError("the anthropic backend needs an API key: set ANTHROPIC_API_KEY or pass --api-key")
         self._sdk_error: type[Exception] = sdk.AnthropicError
         self._counters = dict.fromkeys(COUNTERS, 0)
+
+    @property
+    def client(self) -> anthropic_sdk.AsyncAnthropic:
+        """The SDK client (the one for the event loop that used the backend last)."""
+        return self._clients.client
+
+    @client.setter
+    def client(self, client: anthropic_sdk.AsyncAnthropic) -> None:
+        self._clients.client = client
 
     @classmethod
     def create(
@@ -220,7 +230,8 @@ class AnthropicBackend:
         cut = StopHoldback(body.client_stops)
         chunks = 0
         try:
-            async with self.client.messages.with_streaming_response.create(**body.kwargs) as response:
+            client = self._clients.get()
+            async with client.messages.with_streaming_response.create(**body.kwargs) as response:
                 self._counters["requests"] += 1
                 yield Chunk()  # the upstream accepted the request (its status was a success)
                 async with contextlib.aclosing(sse_payloads(response.iter_lines(), self.name)) as payloads:
@@ -257,4 +268,5 @@ class AnthropicBackend:
         counters["output_tokens"] += state.output_tokens if state.output_tokens is not None else chunks
 
     async def aclose(self) -> None:
-        await self.client.close()
+        # The client of this loop: one left from a loop that has ended cannot be closed from here (nor needs to be).
+        await self._clients.get().close()

@@ -8,10 +8,12 @@ backend that can batch (the embedded engine) batches concurrent streams itself, 
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+import asyncio
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
+ClientT = TypeVar("ClientT")
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length"]
 
@@ -110,3 +112,40 @@ def is_transport_error(exc: BaseException) -> bool:
     whatever their versions: a backend reading a raw body sees these unmapped by the SDK."""
     libraries = ("httpx", "httpx2", "httpcore", "h11", "aiohttp")
     return any(kind.__module__.split(".")[0] in libraries for kind in type(exc).__mro__)
+
+
+class LoopBound(Generic[ClientT]):
+    """An SDK client for the running event loop.
+
+    An HTTP client's connections belong to the event loop that opened them. A backend used from a new loop (a
+    second `asyncio.run`, `Engine.run_sync` called again) takes a fresh client with the same settings from
+    `fresh(old)` instead of failing with "Event loop is closed"; the old one's connections ended with their
+    loop. `client` is the latest one (for settings and hooks outside a loop).
+    """
+
+    def __init__(self, client: ClientT, fresh: Callable[[ClientT], ClientT]) -> None:
+        self.client = client
+        self._fresh = fresh
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def get(self) -> ClientT:
+        """The client for the running loop (call from inside it)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            old_loop, self._loop = self._loop, loop
+            if old_loop is not None:
+                if old_loop.is_closed():
+                    quiet_closed_loop(old_loop)
+                self.client = self._fresh(self.client)
+        return self.client
+
+
+def quiet_closed_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Ignore reports of "unclosed" sessions and connectors to `loop`, which has been closed: their connections
+    ended with it (aiohttp reports them to the loop's exception handler when a client is dropped)."""
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if not str(context.get("message", "")).startswith("Unclosed"):
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)

@@ -21,7 +21,7 @@ import aiohttp
 import openai
 import orjson
 
-from sot.backends.base import Chunk, GenerationRequest, Usage, collapse_messages, is_transport_error
+from sot.backends.base import Chunk, GenerationRequest, LoopBound, Usage, collapse_messages, is_transport_error
 from sot.errors import (
     AuthenticationError,
     BackendConnectionError,
@@ -137,15 +137,25 @@ class OpenAIBackend:
         common["http_client"] = _http_client(transport)
         try:
             if azure_api_version:
-                self.client: openai.AsyncOpenAI = openai.AsyncAzureOpenAI(
+                client: openai.AsyncOpenAI = openai.AsyncAzureOpenAI(
                     azure_endpoint=base_url or os.environ.get("AZURE_OPENAI_ENDPOINT", ""),
                     api_version=azure_api_version,
                     **common,
                 )
             else:
-                self.client = openai.AsyncOpenAI(base_url=base_url, **common)
+                client = openai.AsyncOpenAI(base_url=base_url, **common)
         except openai.OpenAIError as exc:
             raise ConfigError(f"cannot configure the OpenAI client: {exc}") from exc
+        self._clients = LoopBound(client, lambda old: old.copy(http_client=_http_client(transport)))
+
+    @property
+    def client(self) -> openai.AsyncOpenAI:
+        """The SDK client (the one for the event loop that used the backend last)."""
+        return self._clients.client
+
+    @client.setter
+    def client(self, client: openai.AsyncOpenAI) -> None:
+        self._clients.client = client
 
     def _payload(self, request: GenerationRequest) -> tuple[dict[str, Any], dict[str, str]]:
         """The JSON body and the extra headers of one streamed chat-completions request."""
@@ -189,7 +199,7 @@ class OpenAIBackend:
         the typed-parameter machinery, which costs more than the rest of the request when 200 arrive at
         once. The returned stream's raw response is read by the caller."""
         body, headers = self._payload(request)
-        return await self.client.post(
+        return await self._clients.get().post(
             "/chat/completions",
             cast_to=object,
             body=body,
@@ -227,7 +237,8 @@ class OpenAIBackend:
         yield Chunk(finish_reason="length" if finish == "length" else "stop", usage=usage)
 
     async def aclose(self) -> None:
-        await self.client.close()
+        # The client of this loop: one left from a loop that has ended cannot be closed from here (nor needs to be).
+        await self._clients.get().close()
 
 
 _DONE: Any = object()

@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any, Protocol
 
-from sot.backends.base import Backend, Message
+from sot.backends.base import Backend, Message, quiet_closed_loop
 from sot.core.conversation import Conversation, normalize_conversation
 from sot.core.prompts import CHAT, SMOLLM, PromptSet
 from sot.engine.calls import cancel_requested
@@ -103,8 +103,15 @@ class Engine:
         raise SoTError("the run ended without a result")  # unreachable: a stream ends in Done or raises
 
     def run_sync(self, conversation: Conversation, mode: Mode = "sot") -> Result:
-        """`run` for synchronous callers (not from inside a running event loop)."""
-        return asyncio.run(self.run(conversation, mode))
+        """`run` for synchronous callers (not from inside a running event loop). Each call runs in an event loop
+        of its own; a backend's HTTP client follows it to the next one (see `sot.backends.base.LoopBound`)."""
+        with asyncio.Runner() as runner:
+            loop = runner.get_loop()
+            try:
+                return runner.run(self.run(conversation, mode))
+            finally:
+                runner.close()
+                quiet_closed_loop(loop)
 
     async def _work(self, messages: list[Message], mode: Mode, emit: Emit, session: str | None) -> None:
         """The whole run, in this one task; it reports its outcome through `emit` and never raises."""
