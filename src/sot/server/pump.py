@@ -145,7 +145,8 @@ async def batches(primed: list[Event], pump: EventPump, ping: float | None = Non
     without an event (the caller sends a keep-alive comment)."""
     if primed:
         yield primed
-    while (batch := await pump.next_batch(ping)) != []:
+    wait = ping if ping is not None and ping > 0 else None  # no keep-alives rather than a busy loop of them
+    while (batch := await pump.next_batch(wait)) != []:
         yield batch or []
 
 
