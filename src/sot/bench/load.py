@@ -12,7 +12,7 @@ from typing import Any
 
 from sot.bench.load_client import StreamTrace, chat_body, run_batch
 from sot.bench.load_report import LoadReport, Side, quantile, render_load_report
-from sot.testing.process import ServiceProcess, fetch_json, serve_command, upstream_command
+from sot.testing.process import ServiceProcess, child_processes, fetch_json, serve_command, upstream_command
 
 __all__ = ["LoadReport", "Side", "cpu_seconds", "render_load_report", "run_load_check", "upstream_options"]
 
@@ -29,18 +29,9 @@ def cpu_seconds(pid: int) -> float:
 
 def tree_cpu_seconds(pid: int) -> float:
     """CPU time of process `pid` and of all its living descendants (`sot serve --workers N`: the workers)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:  # it exited meanwhile
-                continue
-            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
     tree, frontier = {pid}, [pid]
     while frontier:
-        parent = frontier.pop()
-        children = [child for child, ppid in parents.items() if ppid == parent and child not in tree]
+        children = [child for child in child_processes(frontier.pop()) if child not in tree]
         tree.update(children)
         frontier += children
     total = 0.0

@@ -27,6 +27,20 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _SRC_DIR = Path(__file__).resolve().parents[2]
 
 
+def child_processes(pid: int) -> list[int]:
+    """The ids of the living processes whose parent is `pid` (from /proc; Linux)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # it exited meanwhile
+                continue
+            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:  # after the name, which may hold spaces
+                children.append(int(entry.name))
+    return children
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago (for a process that needs its port up front)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
