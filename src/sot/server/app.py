@@ -8,8 +8,9 @@ wire format and the engine and enforces the server's limits; it does no orchestr
 
 The modules of `sot.server`, by concern: `parsing` (settings, what a request asks for), `errors` (OpenAI
 error objects), `admission` (the concurrency gate), `pump` (the engine run behind a request), `answer` (the
-answer text a client reads), `chunks` (SSE bytes), `relay` (events to responses), `middleware` (body limit,
-auth), `routes` (the endpoints), `openapi` (the schema), `state` (what requests share); for deployment
+answer text a client reads), `chunks` (SSE bytes), `relay` (events to responses), `sse` (the streamed
+response), `middleware` (body limit, auth), `routes` (the endpoints), `openapi` (the schema), `state` (what
+requests share); for deployment
 `observe` (each request's record and id), `routing` (the sticky upstream key), `metrics` (Prometheus),
 `access_log` (JSON lines), `lifecycle` (draining) and `workers` (the multi-process supervisor).
 """
