@@ -78,90 +78,68 @@ def backend_options(func: F) -> F:
     return func
 
 
+def _deadline(flag: str, field: str, what: str) -> Callable[[F], F]:
+    return click.option(
+        flag, type=click.FloatRange(0.1), default=getattr(EngineConfig, field), show_default=True, help=what
+    )
+
+
+SAMPLING_OPTIONS = [
+    click.option("--max-tokens", type=click.IntRange(1, 32768), help="Token budget of a normal answer."),
+    click.option("--point-max-tokens", type=click.IntRange(1, 8192), help="Token budget of each point."),
+    click.option("--temperature", type=click.FloatRange(0.0, 2.0), help="Sampling temperature (0 = greedy)."),
+    click.option("--top-p", type=click.FloatRange(0.0, 1.0), help="Nucleus sampling mass."),
+    click.option("--repeat-penalty", type=click.FloatRange(0.5, 2.0), help="Repetition penalty (local)."),
+    click.option("--seed", type=int, help="Sampling seed."),
+]
+SHAPE_OPTIONS = [
+    click.option(
+        "--max-points", type=click.IntRange(2, 50), default=10, show_default=True, help="Cap on skeleton points."
+    ),
+    click.option(
+        "--max-parallel", type=click.IntRange(1, 256), default=16, show_default=True, help="Points expanded at once."
+    ),
+    click.option(
+        "--overlap/--no-overlap",
+        default=None,
+        help="Start expanding each point as soon as its skeleton line is complete.",
+    ),
+    click.option(
+        "--prompts",
+        "prompts_source",
+        help=f"Prompt set: a built-in name ({', '.join(BUILTIN)}) or a JSON file (ours or the paper's format).",
+    ),
+]
+LIMIT_OPTIONS = [
+    _deadline("--skeleton-deadline", "skeleton_deadline", "Seconds allowed for the skeleton."),
+    _deadline("--point-deadline", "point_deadline", "Seconds allowed per point, its retries included."),
+    _deadline("--normal-deadline", "normal_deadline", "Seconds allowed for a normal answer (also SoT's fallback)."),
+    _deadline("--run-deadline", "run_deadline", "Seconds allowed for the whole question."),
+    _deadline(
+        "--stall-timeout",
+        "stall_timeout",
+        "End a request that sends nothing for this many seconds (the first token included).",
+    ),
+    click.option(
+        "--max-attempts",
+        type=click.IntRange(1, 10),
+        default=RetryPolicy.max_attempts,
+        show_default=True,
+        help="Attempts per request (transient errors only: connection, timeout, 408/409/429/5xx).",
+    ),
+    click.option(
+        "--retry-budget",
+        type=click.IntRange(0, 100),
+        default=RetryPolicy.budget,
+        show_default=True,
+        help="Extra requests one question may spend on retries, over all its stages.",
+    ),
+]
+
+
 def generation_options(func: F) -> F:
-    """Sampling and SoT shape options."""
-    options = [
-        click.option("--max-tokens", type=click.IntRange(1, 32768), help="Token budget of a normal answer."),
-        click.option("--point-max-tokens", type=click.IntRange(1, 8192), help="Token budget of each point."),
-        click.option("--temperature", type=click.FloatRange(0.0, 2.0), help="Sampling temperature (0 = greedy)."),
-        click.option("--top-p", type=click.FloatRange(0.0, 1.0), help="Nucleus sampling mass."),
-        click.option("--repeat-penalty", type=click.FloatRange(0.5, 2.0), help="Repetition penalty (local)."),
-        click.option("--seed", type=int, help="Sampling seed."),
-        click.option(
-            "--max-points",
-            type=click.IntRange(2, 50),
-            default=10,
-            show_default=True,
-            help="Cap on skeleton points.",
-        ),
-        click.option(
-            "--max-parallel",
-            type=click.IntRange(1, 256),
-            default=16,
-            show_default=True,
-            help="Points expanded at once.",
-        ),
-        click.option(
-            "--skeleton-deadline",
-            type=click.FloatRange(0.1),
-            default=EngineConfig.skeleton_deadline,
-            show_default=True,
-            help="Seconds allowed for the skeleton.",
-        ),
-        click.option(
-            "--point-deadline",
-            type=click.FloatRange(0.1),
-            default=EngineConfig.point_deadline,
-            show_default=True,
-            help="Seconds allowed per point, its retries included.",
-        ),
-        click.option(
-            "--normal-deadline",
-            type=click.FloatRange(0.1),
-            default=EngineConfig.normal_deadline,
-            show_default=True,
-            help="Seconds allowed for a normal answer (also SoT's fallback).",
-        ),
-        click.option(
-            "--run-deadline",
-            type=click.FloatRange(0.1),
-            default=EngineConfig.run_deadline,
-            show_default=True,
-            help="Seconds allowed for the whole question.",
-        ),
-        click.option(
-            "--stall-timeout",
-            type=click.FloatRange(0.1),
-            default=EngineConfig.stall_timeout,
-            show_default=True,
-            help="End a request that sends nothing for this many seconds (the first token included).",
-        ),
-        click.option(
-            "--max-attempts",
-            type=click.IntRange(1, 10),
-            default=RetryPolicy.max_attempts,
-            show_default=True,
-            help="Attempts per request (transient errors only: connection, timeout, 408/409/429/5xx).",
-        ),
-        click.option(
-            "--retry-budget",
-            type=click.IntRange(0, 100),
-            default=RetryPolicy.budget,
-            show_default=True,
-            help="Extra requests one question may spend on retries, over all its stages.",
-        ),
-        click.option(
-            "--overlap/--no-overlap",
-            default=None,
-            help="Start expanding each point as soon as its skeleton line is complete.",
-        ),
-        click.option(
-            "--prompts",
-            "prompts_source",
-            help=f"Prompt set: a built-in name ({', '.join(BUILTIN)}) or a JSON file (ours or the paper's format).",
-        ),
-    ]
-    for option in reversed(options):
+    """Sampling, SoT shape, and deadline and retry options, in that order in --help."""
+    for option in reversed([*SAMPLING_OPTIONS, *SHAPE_OPTIONS, *LIMIT_OPTIONS]):
         func = option(func)
     return func
 
