@@ -6,14 +6,15 @@ import asyncio
 import contextlib
 import time
 from collections import Counter
+from collections.abc import AsyncGenerator
 
 import pytest
 
-from sot.backends.base import GenerationRequest, Message, SamplingParams
+from sot.backends.base import Chunk, GenerationRequest, Message, SamplingParams
 from sot.backends.scripted import ScriptedBackend, default_responder
 from sot.engine import Engine, EngineConfig
-from sot.errors import BackendStatusError, BadRequestError, InputError
-from sot.events import Done, ErrorEvent, Fallback, PointDelta, PointDone, PointStarted, SkeletonDone
+from sot.errors import BackendStatusError, BadRequestError, InputError, RateLimitError
+from sot.events import AnswerDelta, Done, ErrorEvent, Fallback, PointDelta, PointDone, PointStarted, SkeletonDone
 
 
 def point_index(request: GenerationRequest) -> int | None:
@@ -439,3 +440,31 @@ async def test_overlap_expands_a_wrapped_point_with_its_complete_text() -> None:
     first = next(r for r in backend.requests if point_index(r) == 1)
     assert first.prefill == "1. Set clear goals and priorities:"  # not the text of the first line alone
     assert result.stats.points[0].start < result.stats.skeleton_seconds  # and it still started early
+
+
+async def test_a_point_whose_text_is_sent_while_it_waits_to_retry_is_not_retried() -> None:
+    """Point 2 streams its text, then fails with a 429 asking for 0.3 s; point 1 finishes during that wait, which
+    sends point 2's text on. A retry would start point 2 again under text the reader already has, so it is not
+    retried: SoT falls back, continuing the text that was sent, and the answer is whole."""
+    attempts: Counter[int] = Counter()
+
+    class RacingBackend(ScriptedBackend):
+        async def stream(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+            index = point_index(request)
+            if index == 2:
+                attempts[2] += 1
+                yield Chunk()
+                yield Chunk(text=" Half of the second")
+                raise RateLimitError("upstream answered 429: slow down", retry_after=0.3, backend=self.name)
+            if index == 1:
+                await asyncio.sleep(0.1)
+            async for chunk in super().stream(request):
+                yield chunk
+
+    events = await collect(Engine(RacingBackend()))
+    result = events[-1].result
+    assert attempts[2] == 1
+    assert result.mode_used == "normal" and result.complete
+    assert result.fallback_reason.startswith("point 2 failed after 1 attempt(s): RateLimitError")
+    sent = "".join(e.text for e in events if isinstance(e, AnswerDelta))
+    assert sent == result.answer and "Half of the second" in result.answer  # one answer, continued

@@ -136,6 +136,11 @@ class Run:
                         exc.add_note(f"gave up after {attempt} attempts")
                     raise
                 await asyncio.sleep(wait)
+                if sent():  # meanwhile its text reached the answer (an earlier point finished): too late to retry
+                    exc.add_note(
+                        f"not retried: its text was sent during the {wait:.2f} s wait before attempt {attempt + 1}"
+                    )
+                    raise
                 continue
             self.tally.add(outcome)
             return outcome
