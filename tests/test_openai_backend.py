@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
+import struct
 import subprocess
 import sys
 import time
@@ -255,3 +257,51 @@ def test_an_unknown_transport_is_a_config_error() -> None:
 
     with pytest.raises(ConfigError, match="transport"):
         OpenAIBackend("sot-test", base_url="http://127.0.0.1:9/v1", transport="carrier-pigeon")
+
+
+async def _raw_upstream(reply: bytes | None, reset: bool = False) -> asyncio.Server:
+    """A TCP server on 127.0.0.1 that reads a request and answers `reply` raw (None: closes at once; `reset`:
+    closes with a TCP reset), for what the test upstream cannot do: break HTTP itself."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        if reset:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif reply is not None:
+            writer.write(reply)
+            await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(handle, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+@pytest.mark.parametrize(
+    ("reply", "reset", "words"),
+    [
+        (b"HELLO THERE\r\n\r\n", False, ""),  # not HTTP at all
+        (None, False, "disconnect"),  # closed without a response
+        (None, True, "reset"),  # connection reset
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\ndata: x\r\n", False, "chunk"),  # bad chunking
+    ],
+    ids=["garbage", "closed", "reset", "bad-chunked"],
+)
+async def test_broken_http_is_a_connection_error_that_says_why(
+    transport: str, reply: bytes | None, reset: bool, words: str
+) -> None:
+    server = await _raw_upstream(reply, reset)
+    port = server.sockets[0].getsockname()[1]
+    backend = OpenAIBackend("m", base_url=f"http://127.0.0.1:{port}/v1", transport=transport)
+    engine = Engine(backend, EngineConfig(run_deadline=10))
+    started = time.monotonic()
+    try:
+        with pytest.raises(BackendConnectionError) as caught:
+            await engine.run(QUESTION, "normal")
+    finally:
+        await backend.aclose()
+        server.close()
+    assert time.monotonic() - started < 10  # the retry policy's attempts, then a typed error
+    if transport == "aiohttp":  # the transport's own words, not its error map's "timed out"
+        assert "timed out" not in str(caught.value).lower() and words in str(caught.value).lower()
+    await no_other_tasks()

@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from sot.backends.anthropic_messages import LeadingSpace, MessageState, build_messages_body, sse_payloads
-from sot.backends.base import Chunk, GenerationRequest, LoopBound, is_transport_error
+from sot.backends.base import Chunk, GenerationRequest, LoopBound, broken_connection, is_transport_error
 from sot.backends.registry import Capabilities
 from sot.core.stops import StopHoldback
 from sot.errors import (
@@ -250,7 +250,7 @@ class AnthropicBackend:
             if not is_transport_error(exc):
                 raise
             # Reading the raw body bypasses the SDK's own mapping of its HTTP library's errors.
-            raise BackendConnectionError(f"the connection to the upstream broke: {exc!r}", backend=self.name) from exc
+            raise broken_connection(exc, self.name) from exc
         finally:
             self._count(state, chunks)
         if not cut.stopped:

@@ -13,6 +13,8 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, Protocol, TypeVar, runtime_checkable
 
+from sot.errors import BackendConnectionError
+
 ClientT = TypeVar("ClientT")
 Role = Literal["system", "user", "assistant"]
 FinishReason = Literal["stop", "length"]
@@ -105,6 +107,11 @@ class Backend(Protocol):
 def collapse_messages(messages: tuple[Message, ...] | list[Message]) -> list[dict[str, str]]:
     """Messages as the plain dicts chat APIs take."""
     return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def broken_connection(exc: BaseException, backend: str) -> BackendConnectionError:
+    """The error for an HTTP library's exception met while reading a raw body, which the SDK did not map."""
+    return BackendConnectionError(f"the connection to the upstream broke: {type(exc).__name__}: {exc}", backend=backend)
 
 
 def is_transport_error(exc: BaseException) -> bool:

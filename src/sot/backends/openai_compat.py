@@ -21,7 +21,15 @@ import aiohttp
 import openai
 import orjson
 
-from sot.backends.base import Chunk, GenerationRequest, LoopBound, Usage, collapse_messages, is_transport_error
+from sot.backends.base import (
+    Chunk,
+    GenerationRequest,
+    LoopBound,
+    Usage,
+    broken_connection,
+    collapse_messages,
+    is_transport_error,
+)
 from sot.errors import (
     AuthenticationError,
     BackendConnectionError,
@@ -55,24 +63,29 @@ def _http_client(transport: str) -> Any:
     raise ConfigError(f"unknown transport {transport!r}: use 'aiohttp' or 'httpx'")
 
 
-def _refused_or_broken(exc: BaseException) -> bool:
-    """Whether an SDK "timeout" was a refused or broken connection: the aiohttp transport's error map turns
-    every connection error into a connect timeout, so the cause chain decides (a real timeout has one)."""
+def _refused_or_broken(exc: BaseException) -> BaseException | None:
+    """The refused or broken connection behind an SDK "timeout", if that is what it was: the aiohttp transport's
+    error map turns every connection error into a connect timeout, so the cause chain decides (a real timeout
+    has one)."""
     cause = exc.__cause__ or exc.__context__
     while cause is not None:
         if isinstance(cause, TimeoutError):
-            return False
+            return None
         if isinstance(cause, OSError | aiohttp.ClientConnectionError):
-            return True
+            return cause
         cause = cause.__cause__ or cause.__context__
-    return False
+    return None
 
 
 def map_openai_error(exc: Exception, backend: str) -> BackendError:
     """The most specific `sot.errors` class for an SDK exception, with the upstream's message."""
     message = getattr(exc, "message", None) or str(exc)
-    if isinstance(exc, openai.APITimeoutError) and not _refused_or_broken(exc):
-        return BackendTimeoutError(f"the upstream timed out: {message}", backend=backend)
+    if isinstance(exc, openai.APITimeoutError):
+        broken = _refused_or_broken(exc)
+        if broken is None:
+            return BackendTimeoutError(f"the upstream timed out: {message}", backend=backend)
+        reason = f"{type(broken).__name__}: {broken}"
+        return BackendConnectionError(f"could not reach the upstream: {reason}", backend=backend)
     if isinstance(exc, openai.APIConnectionError):
         return BackendConnectionError(f"could not reach the upstream: {message}", backend=backend)
     if isinstance(exc, openai.APIStatusError):
@@ -231,7 +244,7 @@ class OpenAIBackend:
             if not is_transport_error(exc):
                 raise
             # Reading the raw body bypasses the SDK's own mapping of its HTTP library's errors.
-            raise BackendConnectionError(f"the connection to the upstream broke: {exc!r}", backend=self.name) from exc
+            raise broken_connection(exc, self.name) from exc
         if finish is None:
             raise BackendStreamError("the upstream's stream ended without a finish reason", backend=self.name)
         yield Chunk(finish_reason="length" if finish == "length" else "stop", usage=usage)
