@@ -24,8 +24,8 @@ from sot.testing.upstream_answers import Msg, plan_answer, word_count
 from sot.testing.upstream_anthropic_wire import MessageReply, json_message, status_error, stream_message
 from sot.testing.upstream_cache import MAX_BREAKPOINTS, Block
 from sot.testing.upstream_chat import Arrival
-from sot.testing.upstream_options import RECORDED_HEADERS, BadRequest, Overrides, parse_overrides
-from sot.testing.upstream_reply import Reply, run_reply
+from sot.testing.upstream_options import BadRequest, Overrides, parse_overrides
+from sot.testing.upstream_reply import Reply, answer
 from sot.testing.upstream_stats import RequestRecord, UpstreamState
 
 
@@ -134,7 +134,6 @@ class Messages:
 
     def __init__(self, state: UpstreamState) -> None:
         self.state = state
-        self.recorded_headers = tuple(dict.fromkeys((*RECORDED_HEADERS, *state.options.record_headers)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         arrival = Arrival.now()
@@ -155,15 +154,8 @@ class Messages:
             await status_error(400, message=str(exc))(scope, receive, send)
             return
         message = self._reply(parsed, headers, arrival)
-        reply = message.reply
-        self.state.begin(reply.record)
-        if reply.fault is not None and reply.fault.isdigit():
-            reply.record.http_status = int(reply.fault)
-            await status_error(reply.record.http_status, reply.options.retry_after)(scope, receive, send)
-            self.state.end(reply.record, "finished")
-            return
         produce = stream_message if parsed.stream else json_message
-        await run_reply(self.state, reply.record, lambda: produce(message, send), receive)
+        await answer(self.state, message.reply, status_error, lambda: produce(message, send), scope, receive, send)
 
     def _reply(self, parsed: MessagesRequest, headers: Mapping[str, str], arrival: Arrival) -> MessageReply:
         """Plan the answer, roll the fault dice, account for the prompt cache and open the request's record."""
@@ -174,10 +166,7 @@ class Messages:
         whole = "".join(plan_answer(parsed.messages, options, **plan_args).tokens)
         found = [stop for stop in parsed.stop if stop in whole]
         stop_sequence = min(found, key=whole.find) if found and len("".join(plan.tokens)) < len(whole) else None
-        fault = None
-        if options.fault_kind is None or options.fault_kind == plan.kind or "fault" in overrides.options:
-            fault = state.choose_fault(state.eligible, overrides.options)
-            state.eligible += 1
+        fault = state.roll_fault(plan.kind, overrides.options)
         refused = fault is not None and fault.isdigit()
         usage = state.prompt_cache.account(parsed.model, [] if refused else parsed.blocks)
         last_user = next((m.content for m in reversed(parsed.messages) if m.role == "user"), "")
@@ -194,7 +183,7 @@ class Messages:
             last_user=last_user[:200],
             started_at=arrival.wall,
             started_monotonic=arrival.monotonic,
-            headers={name: headers[name] for name in self.recorded_headers if name in headers},
+            headers=state.recorded(headers),
             planned_tokens=len(plan.tokens),
             api="messages",
             prefill=parsed.messages[-1].content if parsed.messages[-1].role == "assistant" else None,

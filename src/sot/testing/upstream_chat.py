@@ -14,8 +14,8 @@ from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
 from sot.testing.upstream_answers import Msg, plan_answer, word_count
-from sot.testing.upstream_options import RECORDED_HEADERS, BadRequest, Overrides, parse_overrides
-from sot.testing.upstream_reply import Reply, json_reply, run_reply, stream_reply
+from sot.testing.upstream_options import BadRequest, Overrides, parse_overrides
+from sot.testing.upstream_reply import Reply, answer, json_reply, stream_reply
 from sot.testing.upstream_stats import RequestRecord, UpstreamState
 from sot.testing.upstream_wire import bad_request, status_error
 
@@ -118,7 +118,6 @@ class ChatCompletions:
 
     def __init__(self, state: UpstreamState) -> None:
         self.state = state
-        self.recorded_headers = tuple(dict.fromkeys((*RECORDED_HEADERS, *state.options.record_headers)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         arrival = Arrival.now()
@@ -133,15 +132,8 @@ class ChatCompletions:
             await bad_request(str(exc))(scope, receive, send)
             return
         reply = self._reply(chat, request.headers, arrival)
-        record = reply.record
-        self.state.begin(record)
-        if reply.fault is not None and reply.fault.isdigit():
-            record.http_status = int(reply.fault)
-            await status_error(record.http_status, reply.options.retry_after)(scope, receive, send)
-            self.state.end(record, "finished")
-            return
         produce = stream_reply if chat.stream else json_reply
-        await run_reply(self.state, record, lambda: produce(reply, send), receive)
+        await answer(self.state, reply, status_error, lambda: produce(reply, send), scope, receive, send)
 
     def _reply(self, chat: ChatRequest, headers: Headers, arrival: Arrival) -> Reply:
         """Plan the answer, roll the fault dice and open the request's record."""
@@ -156,11 +148,7 @@ class ChatCompletions:
             max_tokens=chat.max_tokens,
             stop=chat.stop,
         )
-        fault = None
-        if options.fault_kind is None or options.fault_kind == plan.kind or "fault" in overrides.options:
-            # --fault-first counts only the requests that may get the fault.
-            fault = state.choose_fault(state.eligible, overrides.options)
-            state.eligible += 1
+        fault = state.roll_fault(plan.kind, overrides.options)
         last_user = next((m.content for m in reversed(chat.messages) if m.role == "user"), "")
         record = RequestRecord(
             id=f"chatcmpl-sottest{next(state.ids):06d}",
@@ -176,7 +164,7 @@ class ChatCompletions:
             started_at=arrival.wall,
             started_monotonic=arrival.monotonic,
             user=chat.user,
-            headers={name: headers[name] for name in self.recorded_headers if name in headers},
+            headers=state.recorded(headers),
             planned_tokens=len(plan.tokens),
         )
         return Reply(

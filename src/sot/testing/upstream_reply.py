@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from starlette.types import Receive, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sot.testing.upstream_answers import Plan
 from sot.testing.upstream_options import TRUNCATING_FAULTS, UpstreamOptions
@@ -222,6 +222,27 @@ async def json_reply(reply: Reply, send: Send) -> None:
     reply.record.http_status = status
     await send({"type": "http.response.start", "status": status, "headers": JSON_HEADERS})
     await send(_body(data, more=False))
+
+
+async def answer(
+    state: UpstreamState,
+    reply: Reply,
+    refusal: Callable[[int, float], ASGIApp],
+    produce: Callable[[], Awaitable[None]],
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+) -> None:
+    """Open the request's record and answer it: a scripted HTTP status fault at once, as `refusal(status,
+    retry_after)` (each API has its error shape), else whatever `produce` sends (see `run_reply`)."""
+    record = reply.record
+    state.begin(record)
+    if reply.fault is not None and reply.fault.isdigit():
+        record.http_status = int(reply.fault)
+        await refusal(record.http_status, reply.options.retry_after)(scope, receive, send)
+        state.end(record, "finished")
+        return
+    await run_reply(state, record, produce, receive)
 
 
 async def run_reply(

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from sot.testing.upstream_cache import PromptCache
-from sot.testing.upstream_options import UpstreamOptions
+from sot.testing.upstream_options import RECORDED_HEADERS, UpstreamOptions
 
 RECENT_LIMIT = 500
 
@@ -73,6 +73,8 @@ class UpstreamState:
 
     def __init__(self, options: UpstreamOptions) -> None:
         self.options = options
+        # Request headers that /stats records, lower case, each once.
+        self.recorded_headers = tuple(dict.fromkeys((*RECORDED_HEADERS, *options.record_headers)))
         # Response ids stay unique across resets.
         self.ids = itertools.count()
         self.reset()
@@ -93,6 +95,19 @@ class UpstreamState:
     @property
     def active(self) -> int:
         return self.started - self.finished - self.cancelled - self.failed
+
+    def recorded(self, headers: Mapping[str, str]) -> dict[str, str]:
+        """The headers of a request that /stats records (those of `recorded_headers` it has)."""
+        return {name: headers[name] for name in self.recorded_headers if name in headers}
+
+    def roll_fault(self, kind: str, overrides: Mapping[str, Any]) -> str | None:
+        """The fault for the next request, of `kind`: with --fault-kind, only requests of that kind (or one that
+        names its own fault) get one, and --fault-first counts only those."""
+        if self.options.fault_kind not in (None, kind) and "fault" not in overrides:
+            return None
+        fault = self.choose_fault(self.eligible, overrides)
+        self.eligible += 1
+        return fault
 
     def choose_fault(self, index: int, overrides: Mapping[str, Any]) -> str | None:
         """The fault for the `index`-th request (0-based): its own choice first, else the server's."""
