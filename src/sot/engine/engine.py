@@ -105,13 +105,13 @@ class Engine:
     def run_sync(self, conversation: Conversation, mode: Mode = "sot") -> Result:
         """`run` for synchronous callers (not from inside a running event loop). Each call runs in an event loop
         of its own; a backend's HTTP client follows it to the next one (see `sot.backends.base.LoopBound`)."""
-        with asyncio.Runner() as runner:
-            loop = runner.get_loop()
-            try:
-                return runner.run(self.run(conversation, mode))
-            finally:
-                runner.close()
-                quiet_closed_loop(loop)
+        runner = asyncio.Runner()
+        loop = runner.get_loop()
+        try:
+            return runner.run(self.run(conversation, mode))
+        finally:
+            runner.close()
+            quiet_closed_loop(loop)
 
     async def _work(self, messages: list[Message], mode: Mode, emit: Emit, session: str | None) -> None:
         """The whole run, in this one task; it reports its outcome through `emit` and never raises."""
