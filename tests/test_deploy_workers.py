@@ -1,9 +1,11 @@
-"""The supervisor of `sot serve --workers 2` as a real process: a worker killed after its start is replaced and
-the server keeps answering (then drains and exits 0); a worker that dies right after its start is a crash loop,
-which stops every worker and exits 1 instead of restarting forever."""
+"""The supervisor of `sot serve --workers 2` as a real process: each worker accepts on its own socket of the
+one port; a worker killed after its start is replaced, on its socket, and the server keeps answering (then
+drains and exits 0); a worker that dies right after its start is a crash loop, which stops every worker and
+exits 1 instead of restarting forever."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -44,6 +46,28 @@ def _cmdline(pid: int) -> bytes:
         return b""
 
 
+def listening_sockets(port: int) -> set[str]:
+    """The inodes of the IPv4 sockets listening on `port` (from /proc/net/tcp)."""
+    found = set()
+    with open("/proc/net/tcp") as table:
+        for line in list(table)[1:]:
+            fields = line.split()
+            if fields[1].endswith(f":{port:04X}") and fields[3] == "0A":  # 0A: LISTEN
+                found.add(fields[9])
+    return found
+
+
+def sockets_held(pid: int) -> set[str]:
+    """The inodes of the sockets process `pid` holds open."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                held.add(target[len("socket:[") : -1])
+    return held
+
+
 def answers(root: str, n: int) -> list[str]:
     with openai.OpenAI(base_url=root + "/v1", api_key="k", max_retries=0, timeout=30) as client:
         return [
@@ -61,6 +85,10 @@ def test_a_worker_killed_after_its_start_is_replaced_and_the_server_keeps_answer
         try:
             root = service.start().rstrip("/")
             first = workers_of(service, 2)
+            listening = listening_sockets(int(root.rsplit(":", 1)[1]))
+            assert len(listening) == 2  # one socket per worker on the one port (SO_REUSEPORT)
+            assert [len(sockets_held(pid) & listening) for pid in first] == [1, 1]
+            assert sockets_held(first[0]) & listening != sockets_held(first[1]) & listening
             assert all(answers(root, 4))
             time.sleep(CRASH_LOOP_SECONDS + 0.5)  # past the crash-loop window of its start
             os.kill(first[0], signal.SIGKILL)
@@ -72,6 +100,9 @@ def test_a_worker_killed_after_its_start_is_replaced_and_the_server_keeps_answer
                 time.sleep(0.1)
             replaced = workers_of(service, 2)
             assert first[0] not in replaced and first[1] in replaced
+            newcomer = next(pid for pid in replaced if pid != first[0] and pid != first[1])
+            # The replacement took over the socket of the worker it replaced (and the connections waiting there).
+            assert sockets_held(newcomer) & listening == listening - sockets_held(first[1])
             assert all(answers(root, 20))  # both workers answer, whichever the kernel hands a connection
             handle = service._proc
             assert handle is not None

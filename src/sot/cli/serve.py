@@ -108,8 +108,8 @@ def _router(name: str | None, backend: Any) -> Any:
     type=click.IntRange(1, 256),
     default=1,
     show_default=True,
-    help="Worker processes on the one socket, each with its own event loop, upstream connections and "
-    "--max-concurrency. With -b local each worker loads its own copy of the model.",
+    help="Worker processes on the one address, each with its own socket (SO_REUSEPORT), event loop, upstream "
+    "connections and --max-concurrency. With -b local each worker loads its own copy of the model.",
 )
 @click.option(
     "--routing-header",
@@ -154,14 +154,14 @@ def serve(**options: Any) -> None:
             f"({workers}x its memory, the CPU shared among {workers} decoders); one worker batches its questions",
             err=True,
         )
-    sock = bind(host, port)
+    sockets = bind(host, port, workers)
     if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         click.echo(
             f"warning: listening on {host} without --server-api-key: anyone who can reach it can use it", err=True
         )
-    shown_host = f"[{host}]" if ":" in host else host
+    shown_host, shown_port = f"[{host}]" if ":" in host else host, sockets[0].getsockname()[1]
     click.echo(
-        f"{READY_PREFIX}http://{shown_host}:{sock.getsockname()[1]} (backend {backend.name}, model {backend.model}, "
+        f"{READY_PREFIX}http://{shown_host}:{shown_port} (backend {backend.name}, model {backend.model}, "
         f"default mode {settings.default_mode}, {workers} worker{'s' if workers > 1 else ''})"
     )
     loop, http = event_loop_and_http()
@@ -179,9 +179,9 @@ def serve(**options: Any) -> None:
         },
     )
     if workers == 1:
-        serve_app(spec, sock, engine=engine_for(backend, params))
+        serve_app(spec, sockets[0], engine=engine_for(backend, params))
         return
-    sys.exit(run_workers(spec, sock, workers))
+    sys.exit(run_workers(spec, sockets, workers))
 
 
 def server_settings(params: dict[str, Any]) -> ServerSettings:
@@ -233,19 +233,37 @@ def worker_engine(params: dict[str, Any]) -> Engine:
     return engine_for(make_backend(params), params)
 
 
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound here rather than in uvicorn so that --port 0 works, the real address is
-    announced, and every worker shares it."""
+def bind(host: str, port: int, count: int = 1) -> list[socket.socket]:
+    """The listening sockets, bound here rather than in uvicorn so that --port 0 works and the real address is
+    announced before any worker starts. One socket for one worker; for several, one socket per worker on the
+    same address with SO_REUSEPORT (the kernel spreads new connections evenly among them: on one shared socket
+    the worker that wakes first takes most of a burst), or one shared socket where the system has no
+    SO_REUSEPORT."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    spread = count > 1 and hasattr(socket, "SO_REUSEPORT")
+    sockets: list[socket.socket] = []
     try:
-        sock.bind((host, port))
+        if spread and port:
+            # Sockets with SO_REUSEPORT share a port with any other such socket of this user: a plain bind first
+            # fails if the port is taken, so a second server started on it is refused, not handed connections.
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((host, port))
+        for _ in range(count if spread else 1):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if spread:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            # The first socket may ask for port 0; the others take the port it was given.
+            sock.bind((host, sockets[0].getsockname()[1] if len(sockets) > 1 else port))
+            sock.listen(2048)
+            sock.set_inheritable(True)
     except OSError as exc:
+        for sock in sockets:
+            sock.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
-    sock.listen(2048)
-    sock.set_inheritable(True)
-    return sock
+    return sockets
 
 
 if __name__ == "__main__":

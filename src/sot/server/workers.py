@@ -1,10 +1,12 @@
-"""Several worker processes on one listening socket (`sot serve --workers N`), and the server of one process.
+"""Several worker processes on one address (`sot serve --workers N`), and the server of one process.
 
-The supervisor binds nothing itself: it is handed the socket `sot serve` bound (so `--port 0` works and the
+The supervisor binds nothing itself: it is handed the sockets `sot serve` bound (so `--port 0` works and the
 address is announced before any worker starts) and starts N workers with the `spawn` method. Each worker
 builds its own engine (its own event loop, connection pool and, for the embedded model, its own model) and
-accepts on the shared socket; the kernel spreads connections among them. With metrics on, the supervisor
-gives the workers a fresh `PROMETHEUS_MULTIPROC_DIR`, so /metrics adds up every worker's values.
+accepts on its own socket of the address (SO_REUSEPORT: the kernel spreads connections evenly among them), or
+on the one shared socket where there is no SO_REUSEPORT. The supervisor keeps every socket open: a worker
+that replaces a dead one takes over its socket and the connections waiting on it. With metrics on, the
+supervisor gives the workers a fresh `PROMETHEUS_MULTIPROC_DIR`, so /metrics adds up every worker's values.
 
 On SIGTERM or SIGINT the supervisor passes SIGTERM to every worker, each drains (`sot.server.lifecycle`),
 and the supervisor exits 0 once all have exited 0. A worker that dies on its own is replaced, unless it
@@ -75,19 +77,23 @@ def _worker_main(spec: WorkerSpec, sock: socket.socket, parent: int) -> None:
 
 
 class Supervisor:
-    """Starts `count` workers on `sock`, replaces those that die, and stops them all on a signal."""
+    """Starts `count` workers, worker i on `sockets[i]` (or all on one shared socket), replaces those that die
+    (on the socket of the one replaced), and stops them all on a signal."""
 
-    def __init__(self, spec: WorkerSpec, sock: socket.socket, count: int) -> None:
+    def __init__(self, spec: WorkerSpec, sockets: list[socket.socket], count: int) -> None:
+        if len(sockets) not in (1, count):
+            raise ValueError(f"{count} workers need 1 shared socket or {count} sockets, not {len(sockets)}")
         self.spec = spec
-        self.sock = sock
+        self.sockets = sockets
         self.count = count
         self.context = multiprocessing.get_context("spawn")
         self.workers: list[tuple[BaseProcess, float]] = []
         self.stopping = False
 
-    def _start(self) -> tuple[BaseProcess, float]:
+    def _start(self, index: int) -> tuple[BaseProcess, float]:
+        sock = self.sockets[index % len(self.sockets)]
         process = self.context.Process(
-            target=_worker_main, args=(self.spec, self.sock, os.getpid()), name="sot-serve-worker", daemon=False
+            target=_worker_main, args=(self.spec, sock, os.getpid()), name="sot-serve-worker", daemon=False
         )
         process.start()
         return process, time.monotonic()
@@ -99,7 +105,7 @@ class Supervisor:
         """Supervise until a signal (exit code 0 when every worker drained and exited 0) or a crash loop (1)."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.workers = [self._start() for _ in range(self.count)]
+            self.workers = [self._start(i) for i in range(self.count)]
             crashed = self._watch()
             return self._stop() or crashed
         finally:
@@ -117,7 +123,7 @@ class Supervisor:
                     print(f"sot serve: worker {process.pid} exited with {process.exitcode} at start", file=sys.stderr)
                     return 1
                 print(f"sot serve: worker {process.pid} exited with {process.exitcode}; replacing it", file=sys.stderr)
-                self.workers[i] = self._start()
+                self.workers[i] = self._start(i)
         return 0
 
     def _stop(self) -> int:
@@ -160,7 +166,7 @@ def metrics_dir(enabled: bool) -> Iterator[None]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def run_workers(spec: WorkerSpec, sock: socket.socket, count: int) -> int:
-    """Serve with `count` worker processes on `sock`; the exit code for the command."""
+def run_workers(spec: WorkerSpec, sockets: list[socket.socket], count: int) -> int:
+    """Serve with `count` worker processes on `sockets` (one each, or one shared); the exit code for the command."""
     with metrics_dir(spec.settings.metrics):
-        return Supervisor(spec, sock, count).run()
+        return Supervisor(spec, sockets, count).run()
