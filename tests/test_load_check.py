@@ -12,15 +12,16 @@ from rich.console import Console
 
 from sot.bench.load import run_load_check
 from sot.bench.load_client import Batch, SSEStream, StreamTrace
+from sot.bench.load_repeat import RepeatedLoad, render_repeated
 from sot.bench.load_report import LoadReport, Side, render_load_report
 from sot.cli.bench import bench
 
 FAST = {"ttft": 0.05, "tokens_per_second": 200.0, "answer_tokens": 20, "warmup": 2}
 
 
-def _text(report: LoadReport) -> str:
-    console = Console(record=True, width=120)
-    console.print(render_load_report(report))
+def _text(report: LoadReport | RepeatedLoad) -> str:
+    console = Console(record=True, width=160)
+    console.print(render_load_report(report) if isinstance(report, LoadReport) else render_repeated(report))
     return console.export_text()
 
 
@@ -87,6 +88,56 @@ def test_targets_judge_ratios_and_only_failures_count_in_sot_mode() -> None:
     assert report.off_reference() == ["n_requests 20 (targets: 200)"]
 
 
+REFERENCE_SETTINGS = {"n_requests": 200, "mode": "normal", "ttft": 0.5, "tokens_per_second": 40.0, "answer_tokens": 300}
+
+
+def _run(added_first_content_ms: float, ratio: float = 1.01, failed: int = 0, mode: str = "normal") -> LoadReport:
+    server = _side("server", 8.0 * ratio, 60, 500 + added_first_content_ms, 1)
+    server.failed = failed
+    report = LoadReport({**REFERENCE_SETTINGS, "mode": mode}, {}, _side("direct", 8.0, 2, 500, 1), server)
+    server.headers_after_accept_p50_ms = 20.0
+    return report
+
+
+def test_repeated_runs_judge_a_figure_on_the_interval_of_its_median_and_failures_on_every_run() -> None:
+    steady = RepeatedLoad([_run(ms) for ms in (40, 45, 50, 55, 60, 65, 70, 75)])
+    targets = {t.name: t for t in steady.targets()}
+    first = targets["first content added, p50"]
+    assert first.values == [40, 45, 50, 55, 60, 65, 70, 75] and first.within == 8
+    assert first.interval is not None and 40 <= first.interval.low <= 57.5 <= first.interval.high <= 75
+    assert all(t.passed for t in steady.targets()) and steady.ok
+
+    # One run over the limit does not fail a target whose median is surely within it, and is shown as such...
+    one_slow = RepeatedLoad([_run(ms) for ms in (40, 45, 50, 55, 60, 65, 70, 130)])
+    slow = {t.name: t for t in one_slow.targets()}["first content added, p50"]
+    assert slow.passed is True and slow.within == 7
+    # ... while a median near the limit fails: its interval reaches past it, though most runs are within.
+    borderline = RepeatedLoad([_run(ms) for ms in (80, 90, 95, 98, 99, 104, 110, 120)])
+    near = {t.name: t for t in borderline.targets()}["first content added, p50"]
+    assert near.passed is False and near.within == 5
+    # A failed request in any run fails the run set, whatever the median says.
+    failing = RepeatedLoad([_run(50), _run(50, failed=1), _run(50)])
+    verdicts = {t.name: t.passed for t in failing.targets()}
+    assert verdicts["failed requests"] is False and verdicts["first content added, p50"] is True
+    assert not failing.ok and failing.failed == 1
+
+    text = _text(one_slow)
+    assert "targets over 8 runs" in text and "7/8" in text and "40-130 ms" in text and "PASS" in text
+    assert "FAIL" in _text(borderline)
+    payload = json.loads(json.dumps(one_slow.to_json()))
+    assert len(payload["runs"]) == 8 and payload["failed"] == 0
+    first_json = next(t for t in payload["targets"] if t["name"] == "first content added, p50")
+    assert first_json["within_limit"] == 7 and first_json["median"]["estimate"] == 57.5 and first_json["passed"]
+
+
+def test_repeated_runs_in_sot_mode_judge_only_failures() -> None:
+    repeated = RepeatedLoad([_run(900, ratio=0.5, mode="sot") for _ in range(3)])
+    assert [t.passed for t in repeated.targets()] == [True, None, None, None, None, None]
+    assert "n/a (SoT)" in _text(repeated)
+    with pytest.raises(ValueError, match="at least one run"):
+        RepeatedLoad([])
+
+
 async def test_load_check_reports_both_sides_of_one_run() -> None:
     report = await run_load_check(20, **FAST)  # type: ignore[arg-type]
     assert report.ok and report.failed == 0
@@ -144,3 +195,16 @@ def test_command_writes_the_report_and_exits_0(tmp_path: Path) -> None:
     assert "targets" in result.output and "via server" in result.output
     payload = json.loads(out.read_text())
     assert payload["settings"]["n_requests"] == 8 and payload["server"]["requests"] == 8
+
+
+def test_command_repeats_the_load_check_and_writes_every_run(tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    args = ["--load", "6", "--load-ttft", "0.05", "--load-tokens-per-second", "200", "--load-answer-tokens", "10"]
+    result = CliRunner().invoke(bench, [*args, "--repeat", "2", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "run 1: failed 0" in result.output and "run 2: failed 0" in result.output
+    assert "targets over 2 runs" in result.output
+    payload = json.loads(out.read_text())
+    assert [run["server"]["requests"] for run in payload["runs"]] == [6, 6]
+    failed = next(t for t in payload["targets"] if t["name"] == "failed requests")
+    assert failed == {**failed, "values": [0, 0], "within_limit": 2, "passed": True, "judged_on": "every run"}

@@ -41,7 +41,8 @@ API_LIKE = {"ttft": 0.35, "tokens_per_second": 40.0}
     type=click.IntRange(1),
     default=1,
     show_default=True,
-    help="Measure every question K times, alternating which mode goes first; intervals cover the repeats.",
+    help="Measure every question K times, alternating which mode goes first; intervals cover the repeats. "
+    "With --load: run the load check K times and judge each target on its median over the runs (95% CI).",
 )
 @click.option(
     "--replay",
@@ -149,6 +150,7 @@ def bench(
         _load_check(
             console,
             output,
+            repeat,
             n_requests=load_requests,
             mode=load_mode,
             ttft=load_ttft,
@@ -204,20 +206,28 @@ def _bench_upstream(
         return asyncio.run(_bench(console, questions, params, repeats))
 
 
-def _load_check(console: Console, output: Path | None, **settings: Any) -> None:
-    """`sot bench --load N`: print the report (and write it as JSON); exit 1 only when requests failed."""
+def _load_check(console: Console, output: Path | None, repeat: int, **settings: Any) -> None:
+    """`sot bench --load N [--repeat K]`: print the report, or each run's line and the targets over the runs
+    (and write it as JSON); exit 1 only when requests failed."""
     from sot.bench.load import render_load_report, run_load_check
+    from sot.bench.load_repeat import RepeatedLoad, render_repeated, run_line
 
     console.print(
         f"[dim]load check: {settings['n_requests']} concurrent streams, {settings['mode']} mode, direct first, "
-        "then through sot serve[/dim]"
+        f"then through sot serve{f'; {repeat} runs, each with its own processes' if repeat > 1 else ''}[/dim]"
     )
-    report = asyncio.run(run_load_check(**settings))
-    console.print(render_load_report(report))
+    reports = []
+    for index in range(1, repeat + 1):
+        reports.append(asyncio.run(run_load_check(**settings)))
+        if repeat > 1:
+            console.print(run_line(index, reports[-1]))
+    repeated = RepeatedLoad(reports)
+    console.print(render_load_report(reports[-1]) if repeat == 1 else render_repeated(repeated))
     if output is not None:
-        output.write_text(json.dumps(report.to_json(), indent=2))
+        payload = reports[0].to_json() if repeat == 1 else repeated.to_json()
+        output.write_text(json.dumps(payload, indent=2))
         console.print(f"[dim]wrote {output}[/dim]")
-    if not report.ok:
+    if not repeated.ok:
         raise SystemExit(1)
 
 
