@@ -113,10 +113,10 @@ def run_line(index: int, report: LoadReport) -> str:
     """One run in a line: the figures its targets are judged on."""
     accept = report.server.headers_after_accept_p50_ms
     return (
-        f"run {index}: failed {report.failed}, latency ratio p50 {report.latency_ratio_p50:.3f}x "
-        f"p95 {report.latency_ratio_p95:.3f}x, first content added {report.added_first_content_ms:+.0f} ms, "
-        f"headers after accept {'—' if accept is None else f'{accept:.0f} ms'}, "
-        f"tokens/event max {report.server.tokens_per_event_max}"
+        f"run {index}: failed {report.failed}, latency x{report.latency_ratio_p50:.3f} p50 "
+        f"x{report.latency_ratio_p95:.3f} p95, first content {report.added_first_content_ms:+.0f} ms, "
+        f"headers {'—' if accept is None else f'{accept:.0f} ms'} after accept, "
+        f"tokens/event <= {report.server.tokens_per_event_max}"
     )
 
 
@@ -125,15 +125,13 @@ def _figure(value: float, target: RepeatedTarget) -> str:
     return f"{value:.{digits}f}"
 
 
-def render_repeated(repeated: LoadReport | RepeatedLoad) -> RenderableType:
+def render_repeated(repeated: RepeatedLoad) -> RenderableType:
     """The targets over the runs: median and interval (or the worst run), range, runs within the limit."""
-    if isinstance(repeated, LoadReport):
-        repeated = RepeatedLoad([repeated])
     runs = len(repeated.reports)
     table = Table(title=f"targets over {runs} runs", title_justify="left")
-    columns = ("target", "limit", "median (95% CI) or worst", "range", "within", "")
-    for name in columns:
-        table.add_column(name, justify="left" if name in ("target", "") else "right", no_wrap=True)
+    table.add_column("target", ratio=1)  # the one column that wraps in a narrow console
+    for name in ("limit", "median (95% CI)", "range", "within", ""):
+        table.add_column(name, justify="left" if not name else "right", no_wrap=True)
     verdict = {True: "[bold green]PASS[/]", False: "[bold red]FAIL[/]", None: "[dim]n/a (SoT)[/]"}
     for target in repeated.targets():
         unit = f" {target.unit}" if target.unit else ""
