@@ -428,6 +428,23 @@ async def test_answer_max_tokens_bounds_the_whole_answer(budget: int, mode: str)
         assert not result.complete and result.finish_reason == "length"
 
 
+async def test_answer_stop_goes_with_a_normal_answer_and_its_fallback_but_not_the_skeleton_or_points() -> None:
+    stops = ("END", "\n\nQ:")
+    backend = ScriptedBackend()
+    await collect(Engine(backend, EngineConfig(answer_stop=stops)), mode="normal")
+    assert [r.stop for r in backend.requests] == [stops]
+    await collect(Engine(backend, EngineConfig(answer_stop=stops)), mode="sot")
+    sot_requests = backend.requests[1:]
+    assert len(sot_requests) == 4 and all(r.stop != stops for r in sot_requests)  # a skeleton and three points
+
+    def one_point(request: GenerationRequest) -> str:  # too few points: SoT falls back to a normal answer
+        return "1. Only one idea\n\n" if "skeleton" in request.messages[-1].content.lower() else "A normal answer."
+
+    fallback = ScriptedBackend(one_point)
+    result = (await collect(Engine(fallback, EngineConfig(answer_stop=stops)), mode="sot"))[-1].result
+    assert result.fallback_reason is not None and fallback.requests[-1].stop == stops
+
+
 async def test_overlap_expands_a_wrapped_point_with_its_complete_text() -> None:
     def responder(request: GenerationRequest) -> str:
         if "skeleton" in request.messages[-1].content.lower() and not point_index(request):

@@ -442,35 +442,56 @@ def test_stop_sequences_cut_the_answer(fleet: Fleet) -> None:
         streamed, _ = collect_stream(
             c.chat.completions.create(model="normal:test", messages=QUESTION, stop="works best", stream=True)
         )
-    expected = full[: full.index("works best")]
+    expected = full[: full.index("works best")].rstrip()  # an answer never ends in whitespace
     assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
     assert streamed == expected
     # Not streamed, the engine runs to its end, and its count of the whole run is the usage.
     assert cut.usage is not None and cut.usage.completion_tokens > 0
 
 
-def test_a_stream_cut_at_a_stop_string_reports_no_usage_it_did_not_measure(fleet: Fleet) -> None:
+def _cut_stream(base_url: str, model: str, stop: str) -> tuple[str, list[Any]]:
+    with client(base_url) as c:
+        return collect_stream(
+            c.chat.completions.create(
+                model=model, messages=QUESTION, stop=stop, stream=True, stream_options={"include_usage": True}
+            )
+        )
+
+
+def test_a_client_stop_goes_upstream_in_normal_mode_which_stops_there_and_counts_what_it_sent(fleet: Fleet) -> None:
     with client(fleet.fast) as c:
         full = c.chat.completions.create(model="normal:test", messages=QUESTION).choices[0].message.content
     assert full is not None
     reset_stats(fleet.slow_upstream)
+    content, chunks = _cut_stream(fleet.slow, "normal:test", "works best")
+    assert content == full[: full.index("works best")].rstrip()
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    # The upstream stopped at the string itself (nothing generated past it, nothing cancelled), and the usage
+    # is its own count of what it sent.
+    stats = wait_for_stats(fleet.slow_upstream, lambda s: s["active"] == 0)
+    assert stats["finished"] == 1 and stats["cancelled"] == 0
+    assert chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == stats["requests"][-1]["completion_tokens"] > 0
+
+
+def test_a_sot_stream_cut_at_a_stop_string_reports_no_usage_it_did_not_measure(fleet: Fleet) -> None:
     with client(fleet.slow) as c:
-        content, chunks = collect_stream(
-            c.chat.completions.create(
-                model="normal:test",
-                messages=QUESTION,
-                stop="works best",
-                stream=True,
-                stream_options={"include_usage": True},
-            )
-        )
-    assert content == full[: full.index("works best")]
-    # The stop string ended the answer long before the upstream did: the run was cancelled before the engine
+        full = c.chat.completions.create(model="sot:test", messages=QUESTION).choices[0].message.content
+    assert full is not None
+    second_point = full.split("\n")[1][:12]  # points are not the answer: the stop stays with the server
+    assert second_point and full.index(second_point) > 0
+    reset_stats(fleet.slow_upstream)
+    content, chunks = _cut_stream(fleet.slow, "sot:test", second_point)
+    assert content == full[: full.index(second_point)].rstrip()  # the same text as where the upstream stops
+    # The stop string ended the answer before the points' requests did: the run was cancelled before the engine
     # counted anything, so the last chunk has no usage rather than a guess.
     assert chunks[-1].choices == [] and chunks[-1].usage is None
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    # The skeleton holds the stop string too, but did not get it: it was written whole, and points followed.
     stats = wait_for_stats(fleet.slow_upstream, lambda s: s["active"] == 0)
-    assert stats["cancelled"] == 1 and stats["finished"] == 0
+    skeleton = [r for r in stats["requests"] if r["kind"] == "skeleton"]
+    assert len(skeleton) == 1 and skeleton[0]["completion_tokens"] == skeleton[0]["planned_tokens"]
+    assert any(r["kind"] == "point" for r in stats["requests"])
 
 
 async def test_upstream_failures_become_the_right_errors(fleet: Fleet) -> None:
@@ -635,7 +656,8 @@ async def test_streamed_sot_text_adds_up_to_the_final_answer(data: st.DataObject
 @pytest.mark.parametrize(
     ("pieces", "stops", "expected", "hit"),
     [
-        (["Hello wor", "ld. Bye"], ["world"], "Hello ", True),
+        (["Hello wor", "ld. Bye"], ["world"], "Hello", True),  # no whitespace right before the cut
+        (["Hello  ", " wor", "ld"], ["orl"], "Hello   w", True),  # whitespace held is sent when text follows
         (["Hello w", "ombat"], ["world"], "Hello wombat", False),
         (["abc"], [], "abc", False),
         (["a", "b", "STO", "P", "c"], ["STOP", "bS"], "a", True),

@@ -166,10 +166,10 @@ def test_usage_is_the_engines_count_never_an_estimate() -> None:
     # The run finished: its measured usage, stop string or not.
     assert relayed([deltas, [done]], []) == ("Hello world. Bye", {**reference_usage_chunk(), "usage": USAGE})
     text, last = relayed([[*deltas, done]], ["world"])
-    assert text == "Hello " and last["usage"] == USAGE  # cut, but the engine had finished in the same batch
+    assert text == "Hello" and last["usage"] == USAGE  # cut, but the engine had finished in the same batch
     # Cut before the engine finished: the run is cancelled uncounted, so there is no usage to report.
     text, last = relayed([deltas, [done]], ["world"])
-    assert text == "Hello " and last["choices"] == [] and last["usage"] is None
+    assert text == "Hello" and last["choices"] == [] and last["usage"] is None
 
 
 def reference_usage_chunk() -> dict[str, Any]:

@@ -35,6 +35,10 @@ class EngineConfig:
     # The completion tokens of the whole answer (skeleton, points and any fallback together), as usage
     # reports them; None: each stage has only its own limit (`sampling.max_tokens` for a normal answer).
     answer_max_tokens: int | None = None
+    # Strings that end a normal answer (also SoT's fallback) where the backend generates it, which then stops
+    # at once and counts only what it sent: a client's `stop`. The skeleton and the points never get them: a
+    # point is not the whole answer, so the server cuts the assembled answer itself (`core.stops`).
+    answer_stop: tuple[str, ...] = ()
     max_parallel: int = 16
     route_deadline: float = 10.0
     skeleton_deadline: float = 60.0

@@ -26,7 +26,11 @@ async def answer_normally(
     if max_tokens > 0:
         sampling = replace(config.sampling, max_tokens=max_tokens)
         request = GenerationRequest(
-            messages=tuple(messages), sampling=sampling, prefill=prefill_text, cache_key=run.key
+            messages=tuple(messages),
+            sampling=sampling,
+            stop=config.answer_stop,
+            prefill=prefill_text,
+            cache_key=run.key,
         )
 
         def restart(attempt: int) -> None:

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from sot.core.answer import AnswerStream
 from sot.core.stops import StopHoldback
 from sot.events import AnswerDelta, Event, Result
 
@@ -42,11 +44,31 @@ class AnswerText:
 
 
 class StopFilter(StopHoldback):
-    """Cuts the streamed text at the first of the request's `stop` strings (which are not sent)."""
+    """Cuts the answer at the first of the request's `stop` strings (which are not sent) and, as at the end of
+    every answer, drops the whitespace right before it: the client gets the same text whether the server cut
+    the answer here or the upstream stopped at the string itself (a normal answer takes the stops upstream,
+    and the engine's answers never end in whitespace). With stops, whitespace is held until text follows it.
+
+    >>> cut = StopFilter(["END"])
+    >>> cut.push("Done. "), cut.push("More "), cut.push("text\\nEND"), cut.hit
+    ('Done.', ' More', ' text', True)
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        super().__init__(stops)
+        self._answer = AnswerStream()  # holds trailing whitespace until text follows it
 
     @property
     def hit(self) -> bool:
         return self.stopped
+
+    def push(self, text: str) -> str:
+        out = super().push(text)
+        return self._answer.push(out) if self.stops else out
+
+    def flush(self) -> str:
+        out = super().flush()
+        return self._answer.push(out) if self.stops else out
 
 
 def sot_info(result: Result) -> dict[str, Any]:

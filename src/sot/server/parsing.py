@@ -221,6 +221,7 @@ def chat_plan(
     check_supported(body)
     messages = conversation(body.messages, settings)
     max_tokens = requested_max_tokens([body.max_tokens, body.max_completion_tokens], settings, "max_tokens")
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     return ChatPlan(
         mode=mode,
         messages=messages,
@@ -228,13 +229,14 @@ def chat_plan(
         stream=bool(body.stream),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         sot_events=body.sot_events,
-        stops=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        stops=stops,
         sampling={
             "max_tokens": max_tokens,
             "temperature": body.temperature,
             "top_p": body.top_p,
             "seed": body.seed,
             "frequency_penalty": body.frequency_penalty,
+            "stop": stops,
         },
     )
 
@@ -279,11 +281,13 @@ def request_engine(
     top_p: float | None,
     seed: int | None,
     frequency_penalty: float | None = None,
+    stop: Sequence[str] = (),
 ) -> Engine:
     """An engine with this request's sampling on the shared backend (engines are cheap; backends are not).
 
     `max_tokens` bounds the completion tokens of the whole answer, as `usage.completion_tokens` reports them:
     in SoT mode the skeleton and every point together (the engine shares the budget out among the points).
+    `stop` goes upstream with a normal answer (`EngineConfig.answer_stop`); the server cuts the text as well.
     """
     changes: dict[str, Any] = {}
     for name, value in (
@@ -295,9 +299,12 @@ def request_engine(
     ):
         if value is not None:
             changes[name] = value
-    if not changes:
+    answer_stop = tuple(s for s in stop if s)
+    if not changes and not answer_stop:
         return base
     config = dataclasses.replace(base.config, sampling=dataclasses.replace(base.config.sampling, **changes))
     if max_tokens is not None:
         config = dataclasses.replace(config, answer_max_tokens=max_tokens)
+    if answer_stop:
+        config = dataclasses.replace(config, answer_stop=answer_stop)
     return Engine(base.backend, config, router=base.router)
