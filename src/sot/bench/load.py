@@ -176,6 +176,14 @@ async def run_load_check(
         "request_timeout": request_timeout,
         "order": "direct first, then through the server",
     }
+    direct, via = await _both_sides(options, settings)
+    settings.pop("upstream_root", None)
+    return LoadReport(settings=settings, upstream=options, direct=direct, server=via)
+
+
+async def _both_sides(options: dict[str, Any], settings: dict[str, Any]) -> tuple[Side, Side]:
+    """Start the upstream and the server, warm both paths, measure direct then through the server, stop both."""
+    n_requests, mode = settings["n_requests"], settings["mode"]
     upstream = ServiceProcess(upstream_command(**options), name="load-upstream").launch()
     server: ServiceProcess | None = None
     try:
@@ -193,5 +201,4 @@ async def run_load_check(
             server.terminate()
             await asyncio.to_thread(server.stop)
         await asyncio.to_thread(upstream.stop)
-    settings.pop("upstream_root", None)
-    return LoadReport(settings=settings, upstream=options, direct=direct, server=via)
+    return direct, via

@@ -26,6 +26,7 @@ from rich.progress import (
 
 from sot.backends import Backend
 from sot.cli.options import backend_options, build_backend, build_engine, generation_options, handle_errors
+from sot.engine import Engine
 from sot.errors import ConfigError
 from sot.eval.dataset import Question, select
 from sot.eval.datasets import dataset_stem, open_dataset
@@ -214,13 +215,8 @@ def run_cmd(
     questions = _questions(dataset, ids, categories, limit, per_category, suitable_only)
     output = output or Path.cwd() / (dataset_stem(dataset) + RESULTS_SUFFIX)
     err = Console(stderr=True, soft_wrap=True)
-    backend = build_backend(params, progress=lambda msg: err.print(f"[dim]{msg}[/dim]"))
-    router = None
-    if "auto" in chosen_modes:
-        from sot.router import make_router
-
-        router = make_router(router_name or "trained", backend=backend)
-    engine = build_engine(backend, params, router=router)
+    engine = _answering_engine(err, params, chosen_modes, router_name)
+    backend = engine.backend
     err.print(
         f"{len(questions)} question(s) x {len(chosen_modes)} mode(s) on {backend.name}/{backend.model}, "
         f"{concurrency} at a time -> {output}"
@@ -251,6 +247,17 @@ def run_cmd(
         f"({summary.truncated} truncated, {summary.fallbacks} fell back to normal) in {summary.seconds:.0f} s"
     )
     _exit_on_failures(err, summary.failed, summary.failure_lines(), "answer(s)")
+
+
+def _answering_engine(err: Console, params: dict[str, Any], modes: list[Mode], router_name: str | None) -> Engine:
+    """The engine that answers in `modes`: the backend of `params`, with a router when `auto` is one of them."""
+    backend = build_backend(params, progress=lambda msg: err.print(f"[dim]{msg}[/dim]"))
+    router = None
+    if "auto" in modes:
+        from sot.router import make_router
+
+        router = make_router(router_name or "trained", backend=backend)
+    return build_engine(backend, params, router=router)
 
 
 def _exit_on_failures(err: Console, failed: list[Any], lines: list[str], unit: str) -> None:
