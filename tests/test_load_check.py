@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from sot.bench.load import run_load_check
-from sot.bench.load_client import Batch, SSEStream, StreamTrace
+from sot.bench.load_client import Batch, SSEStream, StreamTrace, arrival_offsets
 from sot.bench.load_repeat import RepeatedLoad, render_repeated
 from sot.bench.load_report import LoadReport, Side, render_load_report
 from sot.cli.bench import bench
@@ -166,6 +167,29 @@ async def test_load_check_reports_both_sides_of_one_run() -> None:
     assert "targets are set for other settings" in text
     payload = json.loads(json.dumps(report.to_json()))
     assert payload["failed"] == 0 and len(payload["targets"]) == 6 and payload["settings"]["mode"] == "normal"
+
+
+def test_arrivals_are_a_seeded_poisson_process_or_a_burst() -> None:
+    offsets = arrival_offsets(4000, 100.0)
+    gaps = [b - a for a, b in itertools.pairwise(offsets)]
+    assert offsets[0] == 0.0 and all(gap >= 0 for gap in gaps)
+    assert 0.0095 < sum(gaps) / len(gaps) < 0.0105  # exponential gaps of mean 1/rate
+    share_short = sum(gap < 0.01 for gap in gaps) / len(gaps)
+    assert 0.60 < share_short < 0.66  # P(gap < mean) = 1 - 1/e for an exponential, not 0.5 as for even gaps
+    assert offsets == arrival_offsets(4000, 100.0) and offsets != arrival_offsets(4000, 100.0, seed=1)
+    assert arrival_offsets(5, 0.0) == [0.0] * 5
+
+
+async def test_load_check_with_poisson_arrivals_spreads_the_requests_on_both_sides() -> None:
+    report = await run_load_check(10, arrival_rate=40.0, **FAST)  # type: ignore[arg-type]
+    assert report.ok and report.settings["arrival_rate"] == 40.0
+    last_sent = arrival_offsets(10, 40.0)[-1]
+    assert last_sent > 0.1
+    for side in (report.direct, report.server):
+        # The batch lasts at least until the last request was sent and answered (20 tokens at 200/s).
+        assert side.wall >= last_sent + 0.05 + 19 / 200 * 0.9
+    assert "arrival_rate 40 (targets: 0)" in report.off_reference()
+    assert "arriving at 40/s (Poisson)" in _text(report)
 
 
 async def test_load_check_counts_failures_of_a_faulty_upstream() -> None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sot.bench.load_client import StreamTrace, chat_body, run_batch
+from sot.bench.load_client import StreamTrace, arrival_offsets, chat_body, run_batch
 from sot.bench.load_report import LoadReport, Side, quantile, render_load_report
 from sot.testing.process import ServiceProcess, child_processes, fetch_json, serve_command, upstream_command
 
@@ -78,7 +78,8 @@ async def _measure(label: str, url: str, model: str, n: int, settings: dict[str,
     await asyncio.to_thread(fetch_json, root + "/stats/reset", method="POST")
     before = {name: tree_cpu_seconds(pid) for name, pid in pids.items()}
     client_before = time.process_time()
-    batch = await run_batch(url + "/chat/completions", bodies, request_timeout=settings["request_timeout"])
+    offsets = arrival_offsets(n, settings["arrival_rate"]) if label != "warm-up" else ()
+    batch = await run_batch(url + "/chat/completions", bodies, settings["request_timeout"], offsets)
     cpu = {name: tree_cpu_seconds(pid) - before[name] for name, pid in pids.items()}
     cpu["client"] = time.process_time() - client_before
     stats = await asyncio.to_thread(fetch_json, root + "/stats")
@@ -145,11 +146,13 @@ async def run_load_check(
     workers: int = 1,
     warmup: int = 8,
     request_timeout: float = 120.0,
+    arrival_rate: float = 0.0,
     upstream_extra: dict[str, Any] | None = None,
 ) -> LoadReport:
     """`n_requests` concurrent streamed requests straight to a local test upstream, then as many through
-    `sot serve` (in `mode`, with `workers` worker processes) in front of it. `upstream_extra`: more test
-    upstream options (faults, for tests).
+    `sot serve` (in `mode`, with `workers` worker processes) in front of it: all sent at once, or arriving
+    as a Poisson process of `arrival_rate` requests per second (the same seeded schedule on both sides).
+    `upstream_extra`: more test upstream options (faults, for tests).
 
     It starts its own processes (the bundled test upstream, and `sot serve` in front of it, on 127.0.0.1) and
     stops them; the upstream's answers are scripted and timed, so it measures the server, not a model. Both
@@ -174,6 +177,7 @@ async def run_load_check(
         "warmup": min(warmup, n_requests),
         "max_tokens": answer_tokens * 4,  # never the limit: every answer ends with "stop"
         "request_timeout": request_timeout,
+        "arrival_rate": arrival_rate,  # 0: a burst, all at once
         "order": "direct first, then through the server",
     }
     direct, via = await _both_sides(options, settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -185,12 +186,43 @@ class Batch:
         return [f for f in (t.failure() for t in self.traces) if f is not None]
 
 
-async def run_batch(url: str, bodies: Sequence[dict[str, Any]], request_timeout: float = 120.0) -> Batch:
-    """POST every body to `url` at once, each streamed on its own connection."""
+def arrival_offsets(n: int, rate: float, seed: int = 0) -> list[float]:
+    """When each of `n` requests is sent, in seconds after the first: all at once when `rate` is 0 (a burst),
+    else as a Poisson process of `rate` requests per second (exponential gaps, seeded: the same schedule for
+    both sides of a comparison and in every run).
+
+    >>> arrival_offsets(3, 0.0)
+    [0.0, 0.0, 0.0]
+    >>> offsets = arrival_offsets(3, 10.0)
+    >>> offsets[0], offsets == sorted(offsets), offsets == arrival_offsets(3, 10.0)
+    (0.0, True, True)
+    """
+    if rate <= 0:
+        return [0.0] * n
+    rng = random.Random(seed)
+    offsets, at = [], 0.0
+    for _ in range(n):
+        offsets.append(at)
+        at += rng.expovariate(rate)
+    return offsets
+
+
+async def run_batch(
+    url: str, bodies: Sequence[dict[str, Any]], request_timeout: float = 120.0, offsets: Sequence[float] = ()
+) -> Batch:
+    """POST every body to `url`, each streamed on its own connection: all at once, or body i `offsets[i]`
+    seconds after the first. Each request's times count from its own sending."""
     requests = [request_bytes(url, body) for body in bodies]
     start = time.perf_counter()
-    traces = await asyncio.gather(*(stream_once(host, port, raw, request_timeout) for host, port, raw in requests))
-    return Batch(list(traces), time.perf_counter() - start)
+
+    async def send(index: int, host: str, port: int, raw: bytes) -> StreamTrace:
+        if index < len(offsets) and (delay := start + offsets[index] - time.perf_counter()) > 0:
+            await asyncio.sleep(delay)
+        return await stream_once(host, port, raw, request_timeout)
+
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(send(i, host, port, raw)) for i, (host, port, raw) in enumerate(requests)]
+    return Batch([task.result() for task in tasks], time.perf_counter() - start)
 
 
 def chat_body(model: str, question: str, max_tokens: int) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from sot.bench.load_client import Batch
 
 # The settings the targets are set for (issue #11): 200 streams, 0.5 s to the first token, 40 tokens/s,
 # 300-token answers.
-REFERENCE = {"n_requests": 200, "ttft": 0.5, "tokens_per_second": 40.0, "answer_tokens": 300}
+REFERENCE = {"n_requests": 200, "ttft": 0.5, "tokens_per_second": 40.0, "answer_tokens": 300, "arrival_rate": 0.0}
 MAX_LATENCY_RATIO = 1.05
 MAX_ADDED_FIRST_CONTENT_MS = 100.0
 MAX_HEADERS_DELAY_MS = 50.0
@@ -160,7 +160,11 @@ class LoadReport:
 
     def off_reference(self) -> list[str]:
         """The settings where this run differs from the ones the targets are set for."""
-        return [f"{k} {self.settings[k]:g} (targets: {v:g})" for k, v in REFERENCE.items() if self.settings[k] != v]
+        return [
+            f"{k} {self.settings.get(k, 0.0):g} (targets: {v:g})"
+            for k, v in REFERENCE.items()
+            if self.settings.get(k, 0.0) != v
+        ]
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -183,6 +187,12 @@ class LoadReport:
             "targets": [{**asdict(t), "passed": t.passed} for t in self.targets()],
             "failed": self.failed,
         }
+
+
+def arrivals(settings: dict[str, Any]) -> str:
+    """How the requests were sent: "sent at once" or "arriving at R/s (Poisson)"."""
+    rate = settings.get("arrival_rate", 0.0)
+    return f"arriving at {rate:g}/s (Poisson)" if rate else "sent at once"
 
 
 def _ratio(a: float, b: float) -> float:
@@ -257,7 +267,7 @@ def render_load_report(report: LoadReport) -> RenderableType:
     """The side-by-side table, the targets, the settings and the first failures."""
     settings, up = report.settings, report.upstream
     table = Table(
-        title=f"sot serve load check: {settings['n_requests']} concurrent streamed requests, "
+        title=f"sot serve load check: {settings['n_requests']} streamed requests {arrivals(settings)}, "
         f"{settings['mode']} mode, {settings.get('workers', 1)} worker(s) (direct first, then through the server)",
         caption="times from opening the connection; a token is a word, as the upstream streams it; "
         "server/direct: ratio, or difference in ms",

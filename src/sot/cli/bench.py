@@ -113,6 +113,14 @@ API_LIKE = {"ttft": 0.35, "tokens_per_second": 40.0}
     help="Load check: vary answer lengths by up to this fraction (the upstream's tokens_jitter).",
 )
 @click.option(
+    "--load-arrival-rate",
+    type=click.FloatRange(0),
+    default=0.0,
+    show_default=True,
+    help="Load check: requests arrive as a Poisson process of this many per second (seeded, the same on both "
+    "sides); 0: all at once, the burst the targets are set for.",
+)
+@click.option(
     "--load-workers",
     type=click.IntRange(1, 64),
     default=1,
@@ -140,6 +148,7 @@ def bench(
     load_answer_tokens: int,
     load_mode: str,
     load_jitter: float,
+    load_arrival_rate: float,
     load_workers: int,
     output: Path | None,
     **params: Any,
@@ -157,6 +166,7 @@ def bench(
             tokens_per_second=load_tokens_per_second,
             answer_tokens=load_answer_tokens,
             jitter=load_jitter,
+            arrival_rate=load_arrival_rate,
             workers=load_workers,
         )
         return
@@ -211,10 +221,12 @@ def _load_check(console: Console, output: Path | None, repeat: int, **settings: 
     (and write it as JSON); exit 1 only when requests failed."""
     from sot.bench.load import render_load_report, run_load_check
     from sot.bench.load_repeat import RepeatedLoad, render_repeated, run_line
+    from sot.bench.load_report import arrivals
 
     console.print(
-        f"[dim]load check: {settings['n_requests']} concurrent streams, {settings['mode']} mode, direct first, "
-        f"then through sot serve{f'; {repeat} runs, each with its own processes' if repeat > 1 else ''}[/dim]"
+        f"[dim]load check: {settings['n_requests']} streams {arrivals(settings)}, {settings['mode']} mode, "
+        f"direct first, then through sot serve{f'; {repeat} runs, each with its own processes' if repeat > 1 else ''}"
+        "[/dim]"
     )
     reports = []
     for index in range(1, repeat + 1):
