@@ -124,7 +124,10 @@ def test_repeated_runs_judge_a_figure_on_the_interval_of_its_median_and_failures
 
     text = _text(one_slow)
     assert "targets over 8 runs" in text and "7/8" in text and "40-130 ms" in text and "PASS" in text
-    assert "FAIL" in _text(borderline)
+    assert "FAIL" in _text(borderline) and "targets are set for other settings" not in text
+    off = RepeatedLoad([_run(50)])
+    off.reports[0].settings["arrival_rate"] = 100.0
+    assert "targets are set for other settings: arrival_rate 100 (targets: 0)" in _text(off)
     payload = json.loads(json.dumps(one_slow.to_json()))
     assert len(payload["runs"]) == 8 and payload["failed"] == 0
     first_json = next(t for t in payload["targets"] if t["name"] == "first content added, p50")

@@ -157,4 +157,8 @@ def render_repeated(repeated: RepeatedLoad) -> RenderableType:
         "failures and tokens per event, when every run is",
         style="dim",
     )
-    return Group(table, note)
+    parts: list[RenderableType] = [table, note]
+    off = repeated.reports[0].off_reference()
+    if off:
+        parts.append(Text("targets are set for other settings: " + ", ".join(off), style="yellow"))
+    return Group(*parts)
