@@ -8,12 +8,12 @@ import socket
 
 import pytest
 
-from sot.cli.serve import bind, worker_engine
+from sot.cli.serve import REUSEPORT_SPREADS, bind, worker_engine
 from sot.errors import ConfigError
 from sot.server.parsing import ServerSettings
 from sot.server.workers import Supervisor, WorkerSpec
 
-needs_reuseport = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="no SO_REUSEPORT here")
+needs_reuseport = pytest.mark.skipif(not REUSEPORT_SPREADS, reason="SO_REUSEPORT does not spread connections here")
 
 
 def close_all(sockets: list[socket.socket]) -> None:

@@ -233,14 +233,19 @@ def worker_engine(params: dict[str, Any]) -> Engine:
     return engine_for(make_backend(params), params)
 
 
+# Linux spreads new connections among the sockets of one port that set SO_REUSEPORT; elsewhere (macOS, the
+# BSDs) one of them gets them all, so several workers share one socket there.
+REUSEPORT_SPREADS = sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
+
+
 def bind(host: str, port: int, count: int = 1) -> list[socket.socket]:
     """The listening sockets, bound here rather than in uvicorn so that --port 0 works and the real address is
     announced before any worker starts. One socket for one worker; for several, one socket per worker on the
     same address with SO_REUSEPORT (the kernel spreads new connections evenly among them: on one shared socket
-    the worker that wakes first takes most of a burst), or one shared socket where the system has no
-    SO_REUSEPORT."""
+    the worker that wakes first takes most of a burst), or one shared socket where the system does not spread
+    them (`REUSEPORT_SPREADS`)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    spread = count > 1 and hasattr(socket, "SO_REUSEPORT")
+    spread = count > 1 and REUSEPORT_SPREADS
     sockets: list[socket.socket] = []
     try:
         if spread and port:

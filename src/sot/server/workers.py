@@ -3,8 +3,8 @@
 The supervisor binds nothing itself: it is handed the sockets `sot serve` bound (so `--port 0` works and the
 address is announced before any worker starts) and starts N workers with the `spawn` method. Each worker
 builds its own engine (its own event loop, connection pool and, for the embedded model, its own model) and
-accepts on its own socket of the address (SO_REUSEPORT: the kernel spreads connections evenly among them), or
-on the one shared socket where there is no SO_REUSEPORT. The supervisor keeps every socket open: a worker
+accepts on its own socket of the address (SO_REUSEPORT: Linux spreads connections evenly among them), or on
+the one shared socket where the system does not spread them. The supervisor keeps every socket open: a worker
 that replaces a dead one takes over its socket and the connections waiting on it. With metrics on, the
 supervisor gives the workers a fresh `PROMETHEUS_MULTIPROC_DIR`, so /metrics adds up every worker's values.
 
