@@ -95,7 +95,7 @@ class RepeatedLoad:
                     values.append(float(target.value))
         repeated = []
         for name, values in by_name.items():
-            judged_on_median = name not in EVERY_RUN and values
+            judged_on_median = bool(values) and name not in EVERY_RUN
             interval = bootstrap_interval([[v] for v in values], statistics.median) if judged_on_median else None
             repeated.append(RepeatedTarget(name, first[name].limit, first[name].unit, values, interval))
         return repeated
