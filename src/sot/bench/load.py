@@ -7,12 +7,18 @@ import contextlib
 import os
 import re
 import time
-from pathlib import Path
 from typing import Any
 
 from sot.bench.load_client import StreamTrace, arrival_offsets, chat_body, run_batch
 from sot.bench.load_report import LoadReport, Side, quantile, render_load_report
-from sot.testing.process import ServiceProcess, child_processes, fetch_json, serve_command, upstream_command
+from sot.testing.process import (
+    ServiceProcess,
+    child_processes,
+    fetch_json,
+    proc_stat,
+    serve_command,
+    upstream_command,
+)
 
 __all__ = ["LoadReport", "Side", "cpu_seconds", "render_load_report", "run_load_check", "upstream_options"]
 
@@ -22,9 +28,8 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of process `pid` so far, from /proc/PID/stat (Linux)."""
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2 :].split()  # from field 3 (state) on; the name may hold spaces
-    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS  # fields 14 and 15: utime, stime
 
 
 def tree_cpu_seconds(pid: int) -> float:

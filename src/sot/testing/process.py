@@ -27,16 +27,23 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 _SRC_DIR = Path(__file__).resolve().parents[2]
 
 
+def proc_stat(pid: int) -> list[str]:
+    """The fields of /proc/PID/stat from the third (state) on, so field N of proc(5) is item N - 3 (Linux).
+    Split after the name, which may hold spaces. OSError when the process is gone."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
 def child_processes(pid: int) -> list[int]:
     """The ids of the living processes whose parent is `pid` (from /proc; Linux)."""
     children = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                stat = (entry / "stat").read_text()
+                parent = int(proc_stat(int(entry.name))[1])  # field 4, ppid
             except OSError:  # it exited meanwhile
                 continue
-            if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:  # after the name, which may hold spaces
+            if parent == pid:
                 children.append(int(entry.name))
     return children
 
